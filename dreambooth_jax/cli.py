@@ -1,0 +1,58 @@
+"""The ``dreambooth-jax`` command line. Thin: parse options, build a config, call the library."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from dreambooth_jax.errors import DreamboothError
+
+
+def user_errors(fn):
+    """Turn our errors (bad files, options, configs) into a one-line message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DreamboothError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="dreambooth-jax")
+def main():
+    """DreamBooth fine-tuning and sampling of Stable Diffusion models in JAX/Flax."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (trusted files only).")
+@user_errors
+def info(model, allow_pickle):
+    """Load a diffusers-layout pipeline folder (or hub id) and describe its components."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from dreambooth_jax.models import load_pretrained
+
+    pipe = load_pretrained(model, allow_pickle=allow_pickle)
+    click.echo(f"{pipe.path}  ({pipe.model_index.get('_class_name', '?')})")
+    for name in ("unet", "vae", "text_encoder"):
+        m = getattr(pipe, name)
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+        click.echo(f"  {name:13s} {n / 1e6:8.2f} M params")
+    click.echo(f"  scheduler     {pipe.scheduler_config.get('_class_name')}, "
+               f"prediction_type={pipe.scheduler_config.get('prediction_type', 'epsilon')}")
+    if pipe.is_upscaler:
+        click.echo(f"  upscaler: low_res_scheduler {pipe.low_res_scheduler_config.get('_class_name')}, "
+                   f"max_noise_level {pipe.max_noise_level}, VAE x{pipe.vae.config.downscale}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random-weight pipeline folders saved by diffusers/transformers."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+import torch
+
+# Parity is measured against float32 PyTorch: ask XLA for full-precision matmuls on CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
+torch.set_num_threads(2)
+
+FAMILIES = ("sd1", "sd2", "upscaler")
+
+
+@pytest.fixture(scope="session")
+def pipeline_dirs(tmp_path_factory):
+    """{'sd1' | 'sd2' | 'upscaler': folder} built lazily, once per test session."""
+    from dreambooth_jax.testing.reference import make_pipeline_folder
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = make_pipeline_folder(tmp_path_factory.mktemp(name) / "pipe", name, seed=0, perturb=0.02)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def torch_pipelines(pipeline_dirs):
+    """The same folders loaded by diffusers (the reference)."""
+    from diffusers import DiffusionPipeline
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = DiffusionPipeline.from_pretrained(str(pipeline_dirs(name)))
+        return cache[name]
+
+    return get
