@@ -1,0 +1,1 @@
+"""DreamBooth training: prior-preserving loss, sharded train step, checkpoints, export."""
