@@ -1,0 +1,80 @@
+"""Orbax checkpoints of the train state, with named items, keep policy and exact resume.
+
+Items: ``state`` (step, trainable params, optimizer state, EMA: arrays, restored straight into
+their shardings) and ``meta`` (JSON: config, data position, rng seed, anything else the loop
+needs to continue exactly where it stopped).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+        self.directory = Path(directory).resolve()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save (asynchronously where enabled); call ``wait()`` before relying on it on disk."""
+        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restore into ``abstract_state`` (ShapeDtypeStructs carrying shardings)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays, as a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+class StopSignal:
+    """Remembers a SIGTERM/SIGINT (TPU preemption, Ctrl-C) so the loop can save and exit cleanly.
+
+    Installed only around the training loop and restored afterwards; only in the main thread.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self._event = threading.Event()
+        self._signals = signals
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self._signals:
+                self._previous[s] = signal.signal(s, lambda *_: self._event.set())
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()

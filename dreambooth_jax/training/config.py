@@ -1,0 +1,149 @@
+"""Typed training config: YAML file + ``key=value`` overrides, validated in one place.
+
+Every field has a comment; unknown keys (typos) are errors naming the key and the close matches;
+override values are parsed as YAML and checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dreambooth_jax.errors import ConfigError
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # --- model and data
+    model: str = ""  # diffusers pipeline folder or hub id (the frozen prior)
+    instance_dir: str = ""  # folder with the 3-5 subject photos
+    instance_prompt: str = "a photo of sks dog"  # "a [V] [class]"
+    class_prompt: str = "a photo of dog"  # "a [class]"
+    class_dir: str = ""  # class (prior) images: a folder, or tfds:NAME[/SPLIT]; generated if empty
+    class_data_dir: str = ""  # TFDS data dir for tfds: class sources
+    num_class_images: int = 200  # prior images to use (generated if missing)
+    class_sampler: str = "ddpm"  # sampler for class-image generation (the paper: ancestral)
+    class_steps: int = 50
+    class_guidance: float = 7.5
+    resolution: int = 512  # training image size (pixels)
+    center_crop: bool = True
+    flip: bool = True  # horizontal flip augmentation (latents precomputed for both flips)
+    output_dir: str = "runs/dreambooth"
+    # --- method
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = 1.0  # lambda
+    train_text_encoder: bool = False
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    # --- optimisation
+    max_train_steps: int = 1000
+    train_batch_size: int = 1  # instance images per step (the same number of class images is added)
+    learning_rate: float = 5e-6
+    lr_schedule: str = "constant"  # constant | warmup_constant | cosine
+    lr_warmup_steps: int = 0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float | None = None
+    seed: int = 0
+    # --- compute
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    remat: bool = False
+    fsdp: int = 1  # size of the mesh's fsdp axis (params/optimizer state split over it)
+    attention: str = "auto"
+    # --- SR stage (x4 upscaler) fine-tuning
+    sr_model: str = ""  # upscaler folder/hub id; empty: no SR stage
+    sr_noise_level: int = 5  # low-res noise augmentation for subject pairs (lowered, as in the paper)
+    sr_max_train_steps: int = 500
+    sr_learning_rate: float = 5e-6
+    sr_resolution: int = 256  # high-res size of the pairs (low-res is a quarter)
+    # --- checkpoints, logging, validation
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    validation_every: int = 0  # 0: only at the end
+    validation_prompts: list = dataclasses.field(default_factory=lambda: ["a photo of sks dog in the snow"])
+    validation_steps: int = 25
+    validation_seed: int = 0
+
+    def __post_init__(self):
+        check(self)
+
+
+def _allowed(tp) -> tuple:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(a for t in typing.get_args(tp) for a in _allowed(t))
+    if origin is not None:
+        return (origin,)
+    return (float, int) if tp is float else (tp,)
+
+
+def check(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        allowed = _allowed(hints[f.name])
+        if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+            names = "/".join("null" if a is type(None) else a.__name__ for a in allowed)
+            raise ConfigError(f"config key '{f.name}': expected {names}, got {v!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config key 'dtype': {cfg.dtype!r} is not float32 or bfloat16")
+    if cfg.lr_schedule not in ("constant", "warmup_constant", "cosine"):
+        raise ConfigError(f"config key 'lr_schedule': {cfg.lr_schedule!r} is not constant, warmup_constant or cosine")
+    for key in ("max_train_steps", "train_batch_size", "resolution", "grad_accum", "fsdp"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise ConfigError(f"config key 'ema_decay' must be in (0, 1), got {cfg.ema_decay}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config (or start from defaults) and apply ``key=value`` overrides."""
+    values: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        _check_keys(values, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        _check_keys({key: None}, "command line")
+        values[key] = yaml.safe_load(raw) if raw != "" else ""
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def _coerce(key: str, value: Any) -> Any:
+    # YAML 1.1 reads '1e-5' (no dot) as a string; accept it for float fields.
+    if isinstance(value, str) and float in _allowed(typing.get_type_hints(TrainConfig)[key]):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _check_keys(values: dict, source: str) -> None:
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
