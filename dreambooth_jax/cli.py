@@ -54,5 +54,34 @@ def info(model, allow_pickle):
                    f"max_noise_level {pipe.max_noise_level}, VAE x{pipe.vae.config.downscale}")
 
 
+@main.command()
+@click.option("--model", required=True, help="Base model: diffusers folder or hub id.")
+@click.option("--sr-model", default="", help="Optional x4-upscaler folder or hub id (SR stage).")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (repeatable).")
+@click.option("--negative-prompt", default="", help="Negative prompt for classifier-free guidance.")
+@click.option("--num-images", default=1, show_default=True, help="Images per prompt.")
+@click.option("--steps", default=50, show_default=True)
+@click.option("--sr-steps", default=50, show_default=True)
+@click.option("--scheduler", default="ddim", show_default=True,
+              help="ddim | ddpm | dpmpp_2m | dpmpp_2m_karras | euler | euler_a")
+@click.option("--guidance", default=7.5, show_default=True)
+@click.option("--sr-guidance", default=9.0, show_default=True)
+@click.option("--sr-noise-level", default=20, show_default=True, help="Upscaler noise augmentation (0-350).")
+@click.option("--eta", default=0.0, show_default=True, help="DDIM eta (0: deterministic).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--height", default=512, show_default=True)
+@click.option("--width", default=512, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (trusted files only).")
+@click.option("--out", required=True, help="Output folder (must be new or empty).")
+@user_errors
+def sample(**kwargs):
+    """Generate images: base stage, then the x4 SR stage if --sr-model is given."""
+    from dreambooth_jax.sampling import SampleConfig, run
+
+    kwargs["prompts"] = list(kwargs["prompts"])
+    run(SampleConfig(**kwargs), progress=lambda m: click.echo(m, err=True))
+
+
 if __name__ == "__main__":
     sys.exit(main())
