@@ -86,7 +86,7 @@ class CLIPAttention(nnx.Module):
         b, l, d = x.shape
         split = lambda t: t.reshape(b, l, self.heads, d // self.heads)
         out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                        impl="einsum", mask=mask)
+                        impl="matmul", mask=mask)
         return self.out_proj(out.reshape(b, l, d))
 
 

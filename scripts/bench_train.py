@@ -1,0 +1,136 @@
+"""Train-step benchmark: our jitted DreamBooth step vs diffusers' PyTorch DreamBooth step.
+
+    python scripts/bench_train.py [--configs tiny,small] [--repeats 3]
+
+Work (shared/BENCHMARKS.md): batch 2 instance + 2 class images at the config's resolution,
+noise + UNet forward/backward + instance MSE + 1.0 x prior MSE, clip-grad-norm 1.0 + AdamW
+(lr 5e-6, wd 1e-2) on the UNet only. Rows: (a) each step as really run (diffusers' script encodes
+images with the VAE and prompts with the text encoder in every step; ours uses latents and
+embeddings precomputed once), (b) the same work on both sides (UNet fwd/bwd + AdamW from given
+latents and embeddings). torch uses 2 threads. Ratios are from this one run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_common import checkpoint, peak_rss_gb, timed  # noqa: E402
+
+SIZES = {"tiny": 64, "small": 256}
+
+
+def bench_ours(folder, size, repeats, dtype="float32"):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dreambooth_jax.diffusion.schedules import schedule_from_config
+    from dreambooth_jax.models import ModelOptions, load_pretrained
+    from dreambooth_jax.training.run import encode_images, encode_prompts
+    from dreambooth_jax.training.sharding import make_mesh, param_shardings
+    from dreambooth_jax.training.state import init_state, make_optimizer
+    from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_step
+
+    pipe = load_pretrained(folder, ModelOptions(dtype=jnp.dtype(dtype)))
+    rng = np.random.RandomState(0)
+    imgs = rng.uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+    mean, logvar = encode_images(pipe.vae, imgs)
+    ctx = encode_prompts(pipe, ["a photo of sks dog", "a photo of dog"])
+    batch = dict(latent_mean=mean, latent_logvar=logvar, is_class=np.array([False, False, True, True]),
+                 context=ctx[[0, 0, 1, 1]])
+    graphdef, params = nnx.split(pipe.unet, nnx.Param)
+    tx = make_optimizer(5e-6, weight_decay=1e-2)
+    mesh = make_mesh(1, jax.devices()[:1])
+    abstract = jax.eval_shape(lambda p: init_state({"unet": p}, tx, False), params)
+    state = jax.jit(lambda p: init_state({"unet": p}, tx, False), out_shardings=param_shardings(abstract, mesh))(params)
+    step = make_train_step(graphdef, schedule_from_config(pipe.scheduler_config), tx,
+                           StepConfig(latent_scale=pipe.vae.config.scaling_factor))
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    key = jax.random.key_data(jax.random.key(0))
+    holder = {"state": state, "compiled": None}
+
+    def run():
+        if holder["compiled"] is None:
+            holder["compiled"] = jit_train_step(step, abstract, abstract_batch, {}, mesh)
+        holder["state"], m = holder["compiled"](holder["state"], batch, key, {})
+        jax.block_until_ready(m["loss"])
+
+    return timed(run, repeats)
+
+
+def bench_torch(folder, size, repeats, full: bool):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.set_num_threads(2)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").train()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(4, 3, size, size, generator=g) * 2 - 1
+    ids = tok(["a photo of sks dog"] * 2 + ["a photo of dog"] * 2, padding="max_length", max_length=77,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        latents0 = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        enc0 = text(ids)[0]
+
+    def step():
+        if full:  # as diffusers' train_dreambooth.py: encoders inside every step
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                enc = text(ids)[0]
+        else:
+            latents, enc = latents0, enc0
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (4,))
+        pred = unet(sched.add_noise(latents, noise, t), t, enc).sample
+        p, pp = pred.chunk(2)
+        n, npr = noise.chunk(2)
+        loss = F.mse_loss(p, n) + 1.0 * F.mse_loss(pp, npr)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, repeats)
+
+
+@click.command()
+@click.option("--configs", default="tiny,small", show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="our compute dtype")
+def main(configs, repeats, dtype):
+    import jax
+
+    rows = []
+    for name in configs.split(","):
+        folder, size = checkpoint(name), SIZES[name]
+        ours = bench_ours(folder, size, repeats, dtype)
+        rss = peak_rss_gb()
+        t_b = bench_torch(folder, size, repeats, full=False)
+        t_a = bench_torch(folder, size, repeats, full=True)
+        rows.append((name, ours, t_a, t_b, rss))
+    print(f"\ntrain step: 2 instance + 2 class images, UNet fwd/bwd + prior MSE + clip + AdamW; jax {jax.__version__} "
+          f"on {jax.default_backend()}, 1 device, {dtype}; torch 2 threads")
+    print(f"{'config':7s} {'row':32s} {'ours first':>10s} {'ours step':>10s} {'torch step':>10s} {'speedup':>8s}")
+    for name, o, ta, tb, rss in rows:
+        for label, t in (("(a) as run (ours: precomputed)", ta), ("(b) same work", tb)):
+            print(f"{name:7s} {label:32s} {o['first_s']:10.1f} {o['median_s']:10.3f} {t['median_s']:10.3f} "
+                  f"{t['median_s'] / o['median_s']:7.2f}x")
+        print(f"{name:7s} peak RSS after ours: {rss:.2f} GB")
+    print(f"peak RSS of this process (both sides): {peak_rss_gb():.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
