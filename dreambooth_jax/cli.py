@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
 
-from dreambooth_jax.errors import DreamboothError
-
-
-def user_errors(fn):
-    """Turn our errors (bad files, options, configs) into a one-line message and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DreamboothError as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
+from dreambooth_jax.errors import user_errors
+from dreambooth_jax.train import train
 
 
 @click.group()
@@ -81,6 +68,9 @@ def sample(**kwargs):
 
     kwargs["prompts"] = list(kwargs["prompts"])
     run(SampleConfig(**kwargs), progress=lambda m: click.echo(m, err=True))
+
+
+main.add_command(train, "train")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Image data: instance/class photos, TFDS sources."""

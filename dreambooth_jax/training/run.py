@@ -1,0 +1,318 @@
+"""The DreamBooth training run: data -> precomputed latents/embeddings -> sharded steps ->
+checkpoints -> exported diffusers folder. ``python -m dreambooth_jax.train`` calls ``run``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dreambooth_jax.errors import DreamboothError
+from dreambooth_jax.training.checkpoint import Checkpointer, StopSignal, abstract_like
+from dreambooth_jax.training.config import TrainConfig
+from dreambooth_jax.training.sharding import global_batch, make_mesh, param_shardings
+from dreambooth_jax.training.state import TrainState, init_state, make_optimizer
+from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_step
+
+
+class TrainingDiverged(DreamboothError):
+    pass
+
+
+def lr_schedule(cfg: TrainConfig, lr: float, steps: int) -> optax.Schedule:
+    warm = min(cfg.lr_warmup_steps, steps)
+    if cfg.lr_schedule == "constant":
+        return optax.constant_schedule(lr)
+    if cfg.lr_schedule == "warmup_constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warm, 1)), optax.constant_schedule(lr)], [warm])
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(steps, warm + 1))
+
+
+@dataclasses.dataclass
+class StageData:
+    """Everything the step consumes, precomputed once on the host."""
+
+    latent_mean: np.ndarray  # (N, h, w, C) instance examples first, then class examples
+    latent_logvar: np.ndarray
+    is_class: np.ndarray  # (N,) bool
+    context: np.ndarray  # (2, L, D): [instance prompt, class prompt] embeddings
+    low_res: np.ndarray | None = None  # SR stage: (N, h, w, 3) in [-1, 1]
+
+
+def encode_images(vae, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, H, W, 3) in [-1, 1] -> latent distribution (mean, logvar), via one jitted encoder."""
+    graphdef, params = nnx.split(vae)
+    fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode(x))
+    means, logvars = [], []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        pad = batch - len(chunk)
+        m, lv = fn(params, np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk)
+        means.append(np.asarray(m)[:len(chunk)])
+        logvars.append(np.asarray(lv)[:len(chunk)])
+    return np.concatenate(means), np.concatenate(logvars)
+
+
+def encode_prompts(pipe, prompts: list[str]) -> np.ndarray:
+    from dreambooth_jax.models.loading import tokenize
+
+    ids = tokenize(pipe.tokenizer, prompts, pipe.text_encoder.config.max_position_embeddings)
+    hidden, _ = jax.jit(lambda p, i: nnx.merge(*p)(i))(nnx.split(pipe.text_encoder), ids)
+    return np.asarray(hidden)
+
+
+def make_host_batch(data: StageData, n_inst: int, cfg: TrainConfig, step: int, with_prior: bool) -> dict:
+    """The global batch of ``step``: train_batch_size instance (+ as many class) examples,
+    chosen by a seeded epoch-wise permutation so a resumed run sees the same data."""
+    from dreambooth_jax.data.images import batch_indices
+
+    b = cfg.train_batch_size
+    idx = list(batch_indices(n_inst, b, step, cfg.seed))
+    if with_prior:
+        n_cls = len(data.is_class) - n_inst
+        idx += [n_inst + j for j in batch_indices(n_cls, b, step, cfg.seed + 1)]
+    idx = np.asarray(idx)
+    batch = dict(latent_mean=data.latent_mean[idx], latent_logvar=data.latent_logvar[idx],
+                 is_class=data.is_class[idx], context=data.context[data.is_class[idx].astype(int)])
+    if data.low_res is not None:
+        batch["low_res"] = data.low_res[idx]
+    return batch
+
+
+def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, step_cfg: StepConfig, *,
+                lr: float, steps: int, out_dir: Path, low_res_schedule=None,
+                log: Callable[[str], None] = print, on_step: Callable | None = None):
+    """Train ``unet`` on ``data`` for ``steps`` steps with checkpoints in ``out_dir/checkpoints``.
+    Returns the trained UNet (EMA weights if enabled) and the metrics history."""
+    from tqdm.auto import tqdm
+
+    with_prior = bool(data.is_class.any())
+    mesh = make_mesh(cfg.fsdp)
+    global_b = cfg.train_batch_size * (2 if with_prior else 1)
+    if global_b % mesh.size:
+        raise DreamboothError(f"global batch {global_b} (train_batch_size x {'2' if with_prior else '1'}) does not "
+                              f"split over {mesh.size} devices; set train_batch_size to a multiple of "
+                              f"{mesh.size // math.gcd(mesh.size, 2 if with_prior else 1)}")
+    graphdef, params = nnx.split(unet, nnx.Param)
+    tx = make_optimizer(lr_schedule(cfg, lr, steps), weight_decay=cfg.weight_decay, b1=cfg.adam_b1,
+                        b2=cfg.adam_b2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum)
+    ema = step_cfg.ema_decay is not None
+    abstract = jax.eval_shape(lambda p: init_state({"unet": p}, tx, ema), params)
+    shardings = param_shardings(abstract, mesh)
+    state = jax.jit(lambda p: init_state({"unet": p}, tx, ema), out_shardings=shardings)(params)
+    host0 = make_host_batch(data, n_inst, cfg, 0, with_prior)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host0.items()}
+    step_fn = make_train_step(graphdef, schedule, tx, step_cfg, low_res_schedule=low_res_schedule)
+    t0 = time.perf_counter()
+    compiled = jit_train_step(step_fn, abstract, abstract_batch, {}, mesh)
+    log(f"compiled train step in {time.perf_counter() - t0:.1f}s on {mesh.size} device(s) "
+        f"(mesh {dict(mesh.shape)}), global batch {global_b}")
+    ckpt = Checkpointer(out_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_like(state))
+        start = int(meta["step"])
+        if meta.get("config") != _config_fingerprint(cfg):
+            log("warning: resuming a checkpoint written with a different config")
+        log(f"resumed from step {start}")
+    rng = jax.random.key_data(jax.random.key(cfg.seed))
+    history = []
+    bar = tqdm(total=steps, initial=start, desc=out_dir.name, unit="step", dynamic_ncols=True)
+    schedule_fn = lr_schedule(cfg, lr, steps)
+    try:
+        with StopSignal() as stop:
+            for step in range(start, steps):
+                batch = global_batch(make_host_batch(data, n_inst, cfg, step, with_prior), mesh)
+                state, metrics = compiled(state, batch, rng, {})
+                done = step + 1
+                m = None
+                saving = done % cfg.checkpoint_every == 0 or done == steps or stop.requested
+                if saving or done % cfg.log_every == 0:  # never checkpoint a diverged state
+                    m = {k: float(v) for k, v in metrics.items()}
+                    if not all(math.isfinite(v) for v in m.values()):
+                        raise TrainingDiverged(
+                            f"loss became {m['loss']} at step {done}; stopped without saving it. The last good "
+                            f"checkpoint is kept in {ckpt.directory}. Lower the learning rate?")
+                    m.update(step=done, lr=float(schedule_fn(step)))
+                    history.append(m)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                bar.update(1)
+                if saving:
+                    ckpt.save(done, state, {"step": done, "config": _config_fingerprint(cfg)})
+                if stop.requested:
+                    log(f"stop requested: saved step {done} to {ckpt.directory}; rerun the same command to resume")
+                    raise SystemExit(0)
+                if on_step and m is not None:
+                    on_step(done, m, state)
+    finally:
+        bar.close()
+        ckpt.close()  # waits for an asynchronous save in flight, whatever ended the loop
+    final = state.ema["unet"] if ema else state.params["unet"]
+    return nnx.merge(graphdef, jax.device_get(final)), history
+
+
+def _config_fingerprint(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _load_instance_images(folder: str, size: int, flip: bool, center_crop: bool, seed: int) -> np.ndarray:
+    from dreambooth_jax.data.images import InstanceDataset
+
+    ds = InstanceDataset(folder, size, flip=flip, crop="center" if center_crop else "random", seed=seed)
+    return ds.images
+
+
+def _class_images(cfg: TrainConfig, pipe, out_dir: Path, log) -> np.ndarray:
+    """The class (prior) images at the training resolution: a given folder, a TFDS source, or
+    generated by the frozen model (cached with a manifest)."""
+    from dreambooth_jax.data.images import list_images, load_image
+
+    if cfg.class_dir.startswith("tfds:"):
+        from dreambooth_jax.data.tfds_source import open_image_source
+
+        src = open_image_source(cfg.class_dir, cfg.class_data_dir or None)
+        n = min(len(src), cfg.num_class_images)
+        imgs = [np.asarray(src[i]["image"]) for i in range(n)]
+        return np.stack([_resize_uint8(im, cfg.resolution) for im in imgs]).astype(np.float32) / 127.5 - 1.0
+    folder = Path(cfg.class_dir) if cfg.class_dir else out_dir / "class_images"
+    manifest = folder / "manifest.json"
+    if cfg.class_dir and folder.is_dir() and not manifest.exists() and list(folder.iterdir()):
+        paths = list_images(folder)[: cfg.num_class_images]  # the user's own class photos
+    else:
+        paths = generate_class_images(cfg, pipe, folder, log)
+    return np.stack([load_image(p, cfg.resolution) for p in paths])
+
+
+def _resize_uint8(im: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(im).convert("RGB").resize((size, size), Image.BICUBIC))
+
+
+def generate_class_images(cfg: TrainConfig, pipe, folder: Path, log, batch_size: int = 4) -> list[Path]:
+    """Sample ``num_class_images`` "a [class]" images with the frozen model (the paper's prior)."""
+    from tqdm.auto import tqdm
+
+    from dreambooth_jax.class_images import ClassImageSpec, ensure_class_images, model_fingerprint
+    from dreambooth_jax.diffusion.pipeline import BaseSampler
+
+    spec = ClassImageSpec(prompt=cfg.class_prompt, num=cfg.num_class_images, sampler=cfg.class_sampler,
+                          steps=cfg.class_steps, guidance=cfg.class_guidance, height=cfg.resolution,
+                          width=cfg.resolution, seed=cfg.seed)
+    sampler = None
+    bar = None
+
+    def sample_fn(prompts, seeds):
+        nonlocal sampler, bar
+        if sampler is None:
+            log(f"generating class images '{spec.prompt}' into {folder} ({spec.sampler}, {spec.steps} steps)")
+            sampler = BaseSampler(pipe, sampler=spec.sampler, steps=spec.steps)
+        k = len(seeds)
+        seeds = list(seeds) + [seeds[-1]] * (batch_size - k)  # constant batch: one compilation
+        lat = np.concatenate([sampler.initial_latents(1, spec.height, spec.width, s) for s in seeds])
+        return sampler(list(prompts) + [prompts[0]] * (batch_size - k), latents=lat, seed=seeds[0],
+                       guidance=spec.guidance, height=spec.height, width=spec.width,
+                       negative_prompts=spec.negative_prompt).images[:k]
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="class images", unit="img")
+        bar.n = done
+        bar.refresh()
+
+    paths = ensure_class_images(folder, spec, model_fingerprint(pipe.path), sample_fn, batch_size=batch_size,
+                                progress=progress)
+    if bar is not None:
+        bar.close()
+    return paths
+
+
+def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
+    """DreamBooth on ``cfg.model`` (base stage, then the SR stage if ``cfg.sr_model``); returns
+    the exported diffusers folder of the base model."""
+    from dreambooth_jax.diffusion.schedules import schedule_from_config
+    from dreambooth_jax.models import ModelOptions, export_pipeline, load_pretrained
+
+    if not cfg.model:
+        raise DreamboothError("config key 'model' is empty: give a diffusers folder or hub id")
+    if not cfg.instance_dir:
+        raise DreamboothError("config key 'instance_dir' is empty: give the folder of subject photos")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    opts = ModelOptions(dtype=jnp.dtype(cfg.dtype), remat=cfg.remat, attention=cfg.attention)
+    pipe = load_pretrained(cfg.model, opts)
+    vcfg = pipe.vae.config
+    if cfg.resolution % (vcfg.downscale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)):
+        raise DreamboothError(f"config key 'resolution' ({cfg.resolution}) must be a multiple of "
+                              f"{vcfg.downscale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)} for this model")
+    inst = _load_instance_images(cfg.instance_dir, cfg.resolution, cfg.flip, cfg.center_crop, cfg.seed)
+    log(f"{len(inst)} instance image(s){' (with flips)' if cfg.flip else ''} at {cfg.resolution}px")
+    images = [inst]
+    if cfg.with_prior_preservation:
+        cls = _class_images(cfg, pipe, out_dir, log)
+        images.append(cls)
+        log(f"{len(cls)} class image(s) for prior preservation (lambda={cfg.prior_loss_weight})")
+    all_images = np.concatenate(images).astype(np.float32)
+    mean, logvar = encode_images(pipe.vae, all_images)
+    is_class = np.arange(len(all_images)) >= len(inst)
+    context = encode_prompts(pipe, [cfg.instance_prompt, cfg.class_prompt])
+    data = StageData(mean, logvar, is_class, context)
+    schedule = schedule_from_config(pipe.scheduler_config)
+    step_cfg = StepConfig(prior_loss_weight=cfg.prior_loss_weight if cfg.with_prior_preservation else 0.0,
+                          min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
+                          ema_decay=cfg.ema_decay, latent_scale=vcfg.scaling_factor, latent_shift=vcfg.shift_factor)
+    unet, history = train_stage(pipe.unet, schedule, data, len(inst), cfg, step_cfg, lr=cfg.learning_rate,
+                                steps=cfg.max_train_steps, out_dir=out_dir / "base", log=log)
+    (out_dir / "base" / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
+    exported = export_pipeline(pipe.path, out_dir / "model", {"unet": unet}, overwrite=True)
+    log(f"exported the fine-tuned model to {exported}")
+    if cfg.sr_model:
+        sr_exported = run_sr_stage(cfg, opts, out_dir, log)
+        log(f"exported the fine-tuned SR model to {sr_exported}")
+    return exported
+
+
+def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log) -> Path:
+    """Fine-tune the x4 upscaler on (low-res, high-res) pairs of the subject photos, with the
+    low-res noise augmentation lowered to ``sr_noise_level`` (the paper lowers it so that fine
+    subject texture survives), plus class pairs for prior preservation."""
+    from dreambooth_jax.data.images import list_images, load_image
+    from dreambooth_jax.diffusion.schedules import schedule_from_config
+    from dreambooth_jax.models import export_pipeline, load_pretrained
+
+    pipe = load_pretrained(cfg.sr_model, opts)
+    if not pipe.is_upscaler:
+        raise DreamboothError(f"sr_model {cfg.sr_model} is not an x4 upscaler pipeline (no low_res_scheduler)")
+    hi = _load_instance_images(cfg.instance_dir, cfg.sr_resolution, cfg.flip, cfg.center_crop, cfg.seed)
+    images = [hi]
+    if cfg.with_prior_preservation:
+        folder = Path(cfg.class_dir) if cfg.class_dir and not cfg.class_dir.startswith("tfds:") else out_dir / "class_images"
+        paths = list_images(folder)[: cfg.num_class_images]
+        images.append(np.stack([load_image(p, cfg.sr_resolution) for p in paths]))
+    hi_all = np.concatenate(images).astype(np.float32)
+    low = np.asarray(jax.image.resize(hi_all, (len(hi_all), cfg.sr_resolution // 4, cfg.sr_resolution // 4, 3),
+                                      "cubic", antialias=True)).clip(-1, 1)
+    mean, logvar = encode_images(pipe.vae, hi_all)
+    is_class = np.arange(len(hi_all)) >= len(hi)
+    context = encode_prompts(pipe, [cfg.instance_prompt, cfg.class_prompt])
+    data = StageData(mean, logvar, is_class, context, low_res=low)
+    vcfg = pipe.vae.config
+    step_cfg = StepConfig(prior_loss_weight=cfg.prior_loss_weight if cfg.with_prior_preservation else 0.0,
+                          min_snr_gamma=cfg.min_snr_gamma, ema_decay=cfg.ema_decay, sr_noise_level=cfg.sr_noise_level,
+                          latent_scale=vcfg.scaling_factor, latent_shift=vcfg.shift_factor)
+    unet, history = train_stage(pipe.unet, schedule_from_config(pipe.scheduler_config), data, len(hi), cfg, step_cfg,
+                                lr=cfg.sr_learning_rate, steps=cfg.sr_max_train_steps, out_dir=out_dir / "sr",
+                                low_res_schedule=schedule_from_config(pipe.low_res_scheduler_config), log=log)
+    (out_dir / "sr" / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
+    return export_pipeline(pipe.path, out_dir / "sr_model", {"unet": unet}, overwrite=True)
