@@ -45,25 +45,13 @@ def enable_compilation_cache(path: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def save_grid(images: np.ndarray, path: Path, cols: int | None = None) -> None:
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * h, cols * w, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    Image.fromarray(grid).save(path)
-
-
 def run(cfg: SampleConfig, progress=print) -> dict:
     """Sample ``num_images`` per prompt (base stage, then the SR stage if ``sr_model``)."""
     import jax
     import jax.numpy as jnp
     from PIL import Image
 
+    from dreambooth_jax.data.images import save_image_grid
     from dreambooth_jax.diffusion.pipeline import BaseSampler, UpscaleSampler
     from dreambooth_jax.models import ModelOptions, load_pretrained
     from dreambooth_jax.training.sharding import make_mesh
@@ -108,7 +96,7 @@ def run(cfg: SampleConfig, progress=print) -> dict:
             f = out / f"{stage}_{i:03d}.png"
             Image.fromarray(im).save(f)
             files.append(f.name)
-        save_grid(images, out / f"{stage}_grid.png", cols=cfg.num_images if len(cfg.prompts) > 1 else None)
+        save_image_grid(images, out / f"{stage}_grid.png", cols=cfg.num_images if len(cfg.prompts) > 1 else None)
     settings = dict(dataclasses.asdict(cfg), per_image_prompts=prompts, timings=timings, files=files,
                     devices=len(devices), backend=jax.default_backend())
     (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")

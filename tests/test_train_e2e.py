@@ -32,6 +32,7 @@ def test_tiny_yaml_end_to_end(pipeline_dirs, tmp_path):
     assert all(h["prior_loss"] > 0 for h in hist)
     manifest = json.loads((out / "class_images" / "manifest.json").read_text())
     assert manifest["prompt"] == "a photo of dog" and manifest["count"] == 4
+    assert sorted(p.name for p in (out / "base" / "validation").iterdir()) == ["step_000020.png", "step_000030.png"]
     # The export is a complete diffusers folder; its UNet equals ours in PyTorch.
     from diffusers import DiffusionPipeline
 
