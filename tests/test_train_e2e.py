@@ -33,6 +33,10 @@ def test_tiny_yaml_end_to_end(pipeline_dirs, tmp_path):
     manifest = json.loads((out / "class_images" / "manifest.json").read_text())
     assert manifest["prompt"] == "a photo of dog" and manifest["count"] == 4
     assert sorted(p.name for p in (out / "base" / "validation").iterdir()) == ["step_000020.png", "step_000030.png"]
+    from tensorboardX.event_file_writer import EventFileWriter  # noqa: F401  (the writer we log with)
+
+    events = list((out / "base" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 1000  # scalars and validation images
     # The export is a complete diffusers folder; its UNet equals ours in PyTorch.
     from diffusers import DiffusionPipeline
 

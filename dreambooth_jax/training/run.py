@@ -70,6 +70,12 @@ def encode_prompts(pipe, prompts: list[str]) -> np.ndarray:
     return np.asarray(hidden)
 
 
+def _tensorboard(folder: Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(folder))
+
+
 def make_host_batch(data: StageData, n_inst: int, cfg: TrainConfig, step: int, with_prior: bool) -> dict:
     """The global batch of ``step``: train_batch_size instance (+ as many class) examples,
     chosen by a seeded epoch-wise permutation so a resumed run sees the same data."""
@@ -126,7 +132,9 @@ def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, 
         log(f"resumed from step {start}")
     rng = jax.random.key_data(jax.random.key(cfg.seed))
     history = []
-    bar = tqdm(total=steps, initial=start, desc=out_dir.name, unit="step", dynamic_ncols=True)
+    main = jax.process_index() == 0  # only process 0 writes logs and images
+    tb = _tensorboard(out_dir / "tensorboard") if main else None
+    bar = tqdm(total=steps, initial=start, desc=out_dir.name, unit="step", dynamic_ncols=True, disable=not main)
     schedule_fn = lr_schedule(cfg, lr, steps)
     try:
         with StopSignal() as stop:
@@ -144,6 +152,10 @@ def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, 
                             f"checkpoint is kept in {ckpt.directory}. Lower the learning rate?")
                     m.update(step=done, lr=float(schedule_fn(step)))
                     history.append(m)
+                    if tb is not None:
+                        for k, v in m.items():
+                            if k != "step":
+                                tb.add_scalar(f"train/{k}", v, done)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
                 bar.update(1)
                 if saving:
@@ -155,8 +167,14 @@ def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, 
                     on_step(done, m, state)  # m is None on steps that are not logged
     finally:
         bar.close()
+        if tb is not None:
+            tb.close()
         ckpt.close()  # waits for an asynchronous save in flight, whatever ended the loop
     final = state.ema["unet"] if ema else state.params["unet"]
+    if jax.process_count() > 1:  # fsdp shards live on several hosts: gather them everywhere
+        from jax.experimental import multihost_utils
+
+        final = multihost_utils.process_allgather(final, tiled=True)
     return nnx.merge(graphdef, jax.device_get(final)), history
 
 
@@ -188,7 +206,13 @@ def _class_images(cfg: TrainConfig, pipe, out_dir: Path, log) -> np.ndarray:
     if cfg.class_dir and folder.is_dir() and not manifest.exists() and list(folder.iterdir()):
         paths = list_images(folder)[: cfg.num_class_images]  # the user's own class photos
     else:
-        paths = generate_class_images(cfg, pipe, folder, log)
+        if jax.process_index() == 0:  # one process samples; the others wait, then read the folder
+            generate_class_images(cfg, pipe, folder, log)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("class_images")
+        paths = [folder / f"{i:05d}.png" for i in range(cfg.num_class_images)]
     return np.stack([load_image(p, cfg.resolution) for p in paths])
 
 
@@ -249,6 +273,8 @@ def make_validator(cfg: TrainConfig, pipe, folder: Path, log):
         last = final_unet is not None
         if not cfg.validation_prompts or (not last and (not cfg.validation_every or step % cfg.validation_every)):
             return
+        if jax.process_index() != 0:
+            return
         if "sampler" not in holder:
             holder["sampler"] = BaseSampler(pipe, sampler="ddim", steps=cfg.validation_steps)
         sampler = holder["sampler"]
@@ -260,6 +286,9 @@ def make_validator(cfg: TrainConfig, pipe, folder: Path, log):
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{step:06d}.png"
         save_image_grid(res.images, path)
+        with _tensorboard(folder.parent / "tensorboard") as tb:
+            for i, im in enumerate(res.images):
+                tb.add_image(f"validation/{i}", im, step, dataformats="HWC")
         log(f"validation images: {path}")
 
     return validate
@@ -306,10 +335,12 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     validate = make_validator(cfg, pipe, out_dir / "base" / "validation", log)
     unet, history = train_stage(pipe.unet, schedule, data, len(inst), cfg, step_cfg, lr=cfg.learning_rate,
                                 steps=cfg.max_train_steps, out_dir=out_dir / "base", log=log, on_step=validate)
-    (out_dir / "base" / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
     validate(cfg.max_train_steps, None, None, final_unet=unet)
-    exported = export_pipeline(pipe.path, out_dir / "model", {"unet": unet}, overwrite=True)
-    log(f"exported the fine-tuned model to {exported}")
+    exported = out_dir / "model"
+    if jax.process_index() == 0:
+        (out_dir / "base" / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
+        export_pipeline(pipe.path, exported, {"unet": unet}, overwrite=True)
+        log(f"exported the fine-tuned model to {exported}")
     if cfg.sr_model:
         sr_exported = run_sr_stage(cfg, opts, out_dir, log)
         log(f"exported the fine-tuned SR model to {sr_exported}")
@@ -347,5 +378,7 @@ def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log) -> Path:
     unet, history = train_stage(pipe.unet, schedule_from_config(pipe.scheduler_config), data, len(hi), cfg, step_cfg,
                                 lr=cfg.sr_learning_rate, steps=cfg.sr_max_train_steps, out_dir=out_dir / "sr",
                                 low_res_schedule=schedule_from_config(pipe.low_res_scheduler_config), log=log)
-    (out_dir / "sr" / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
-    return export_pipeline(pipe.path, out_dir / "sr_model", {"unet": unet}, overwrite=True)
+    if jax.process_index() == 0:
+        (out_dir / "sr" / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
+        export_pipeline(pipe.path, out_dir / "sr_model", {"unet": unet}, overwrite=True)
+    return out_dir / "sr_model"
