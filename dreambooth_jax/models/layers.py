@@ -55,6 +55,13 @@ class LayerNorm(nnx.LayerNorm):
         return super().__call__(x.astype(jnp.float32)).astype(self.out_dtype)
 
 
+def maybe_remat(module, remat: bool, *args):
+    """Call ``module(*args)``, under ``nnx.remat`` (recompute activations in backward) if asked."""
+    if remat:
+        return nnx.remat(lambda m, *a: m(*a))(module, *args)
+    return module(*args)
+
+
 class Placeholder(nnx.Module):
     """Holds the index of a parameter-free torch module (Dropout, activation) in a list."""
 
@@ -211,7 +218,6 @@ class Transformer2DModel(nnx.Module):
             BasicTransformerBlock(inner, heads, head_dim, cross_dim, opts, rngs=rngs,
                                   only_cross_attention=only_cross_attention)
             for _ in range(layers)])
-        self.remat = opts.remat
 
     def __call__(self, x, context):
         b, hh, ww, c = x.shape
@@ -222,11 +228,8 @@ class Transformer2DModel(nnx.Module):
         h = h.reshape(b, hh * ww, h.shape[-1])
         if self.use_linear_projection:
             h = self.proj_in(h)
-        for blk in self.transformer_blocks:
-            if self.remat:
-                h = nnx.remat(lambda m, a, c_: m(a, c_))(blk, h, context)
-            else:
-                h = blk(h, context)
+        for blk in self.transformer_blocks:  # remat, if on, wraps this whole module (unet.py)
+            h = blk(h, context)
         if self.use_linear_projection:
             h = self.proj_out(h)
         h = h.reshape(b, hh, ww, h.shape[-1])

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -97,7 +98,7 @@ def _build(cls, cfg, folder: Path, stem: str, opts: ModelOptions, rename: Callab
     tensors = load_component_weights(folder, stem, allow_pickle=allow_pickle, variant=variant)
     state = torch_to_state(tensors, state, source=str(folder), rename=rename,
                            dtype=np.dtype(opts.param_dtype))
-    state = nnx.map_state(lambda _, v: jnp.asarray(v), state) if hasattr(nnx, "map_state") else state
+    state = jax.tree.map(jnp.asarray, state)  # host numpy -> device arrays
     return nnx.merge(graphdef, state)
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from dreambooth_jax.errors import ConfigError
 from dreambooth_jax.models.layers import (Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D,
-                                          Transformer2DModel, Upsample2D)
+                                          Transformer2DModel, Upsample2D, maybe_remat)
 from dreambooth_jax.models.options import ModelOptions, check_choice, parse_config, per_block
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -138,12 +138,6 @@ class TimestepEmbedding(nnx.Module):
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
 
 
-def _maybe_remat(module, remat: bool, *args):
-    if remat:
-        return nnx.remat(lambda m, *a: m(*a))(module, *args)
-    return module(*args)
-
-
 class UNetBlock(nnx.Module):
     """One down or up block: CrossAttnDownBlock2D / DownBlock2D / CrossAttnUpBlock2D / UpBlock2D."""
 
@@ -180,9 +174,9 @@ class UNetBlock(nnx.Module):
     def down(self, h, temb, context):
         skips = []
         for i, resnet in enumerate(self.resnets):
-            h = _maybe_remat(resnet, self.remat, h, temb)
+            h = maybe_remat(resnet, self.remat, h, temb)
             if self.attentions is not None:
-                h = _maybe_remat(self.attentions[i], self.remat, h, context)
+                h = maybe_remat(self.attentions[i], self.remat, h, context)
             skips.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)
@@ -192,9 +186,9 @@ class UNetBlock(nnx.Module):
     def up(self, h, skips, temb, context):
         for i, resnet in enumerate(self.resnets):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = _maybe_remat(resnet, self.remat, h, temb)
+            h = maybe_remat(resnet, self.remat, h, temb)
             if self.attentions is not None:
-                h = _maybe_remat(self.attentions[i], self.remat, h, context)
+                h = maybe_remat(self.attentions[i], self.remat, h, context)
         if self.upsamplers is not None:
             h = self.upsamplers[0](h)
         return h
@@ -214,9 +208,9 @@ class MidBlock(nnx.Module):
         self.remat = opts.remat
 
     def __call__(self, h, temb, context):
-        h = _maybe_remat(self.resnets[0], self.remat, h, temb)
-        h = _maybe_remat(self.attentions[0], self.remat, h, context)
-        return _maybe_remat(self.resnets[1], self.remat, h, temb)
+        h = maybe_remat(self.resnets[0], self.remat, h, temb)
+        h = maybe_remat(self.attentions[0], self.remat, h, context)
+        return maybe_remat(self.resnets[1], self.remat, h, temb)
 
 
 class UNet2DConditionModel(nnx.Module):
