@@ -7,6 +7,7 @@ import sys
 import click
 
 from dreambooth_jax.errors import user_errors
+from dreambooth_jax.demo import demo
 from dreambooth_jax.train import train
 
 
@@ -70,7 +71,33 @@ def sample(**kwargs):
     run(SampleConfig(**kwargs), progress=lambda m: click.echo(m, err=True))
 
 
+@main.command("class-images")
+@click.option("--model", required=True, help="The frozen model: diffusers folder or hub id.")
+@click.option("--class-prompt", required=True, help='e.g. "a photo of dog"')
+@click.option("--num", default=200, show_default=True, help="Number of class images.")
+@click.option("--out", required=True, help="Folder; an earlier one with a matching manifest is topped up.")
+@click.option("--sampler", default="ddpm", show_default=True, help="ddpm (ancestral, as the paper) | ddim | dpmpp_2m | euler | euler_a")
+@click.option("--steps", default=50, show_default=True)
+@click.option("--guidance", default=7.5, show_default=True)
+@click.option("--size", default=512, show_default=True, help="Image size in pixels.")
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def class_images(model, class_prompt, num, out, sampler, steps, guidance, size, seed):
+    """Sample the prior-preservation class images with the frozen model (resumable, with a manifest)."""
+    from pathlib import Path
+
+    from dreambooth_jax.models import load_pretrained
+    from dreambooth_jax.training.config import TrainConfig
+    from dreambooth_jax.training.run import generate_class_images
+
+    cfg = TrainConfig(model=model, class_prompt=class_prompt, num_class_images=num, class_sampler=sampler,
+                      class_steps=steps, class_guidance=guidance, resolution=size, seed=seed)
+    paths = generate_class_images(cfg, load_pretrained(model), Path(out), lambda m: click.echo(m, err=True))
+    click.echo(f"{len(paths)} class images in {out}")
+
+
 main.add_command(train, "train")
+main.add_command(demo, "demo")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from flax import nnx
 
 from dreambooth_jax.cli import main
 from dreambooth_jax.models import load_pretrained
@@ -95,3 +97,26 @@ def test_sr_stage_fine_tuning_on_subject_pairs(pipeline_dirs, tmp_path):
     assert sr.is_upscaler and sr.max_noise_level == 350
     orig = load_pretrained(pipeline_dirs("upscaler"), components=("unet",))
     assert not np.allclose(np.asarray(orig.unet.conv_in.kernel.value), np.asarray(sr.unet.conv_in.kernel.value))
+    # Class pairs: the frozen SR model upscaled the generated class images (not a resize of them).
+    hi = sorted((out / "class_images_sr").glob("*.png"))
+    assert len(hi) == 4 and json.loads((out / "class_images_sr" / "manifest.json").read_text())["noise_level"] == 5
+    from PIL import Image
+
+    assert Image.open(hi[0]).size == (64, 64)
+
+
+def test_train_text_encoder(pipeline_dirs, tmp_path):
+    """train_text_encoder=true: the step runs the text encoder on token ids with gradients; both
+    the UNet and the text encoder change and are exported."""
+    out = tmp_path / "te"
+    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"model={pipeline_dirs('sd1')}",
+            f"instance_dir={SUBJECT}", f"output_dir={out}", "max_train_steps=4", "resolution=32",
+            "num_class_images=2", "class_steps=2", "log_every=2", "train_batch_size=2", "train_text_encoder=true",
+            "validation_prompts=[]"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    orig, ours = load_pretrained(pipeline_dirs("sd1")), load_pretrained(out / "model")
+    for name in ("unet", "text_encoder"):
+        a = [np.asarray(x) for x in jax.tree.leaves(nnx.state(getattr(orig, name), nnx.Param))]
+        b = [np.asarray(x) for x in jax.tree.leaves(nnx.state(getattr(ours, name), nnx.Param))]
+        assert any(not np.allclose(x, y) for x, y in zip(a, b)), name

@@ -44,8 +44,9 @@ class StageData:
     latent_mean: np.ndarray  # (N, h, w, C) instance examples first, then class examples
     latent_logvar: np.ndarray
     is_class: np.ndarray  # (N,) bool
-    context: np.ndarray  # (2, L, D): [instance prompt, class prompt] embeddings
+    context: np.ndarray | None  # (2, L, D): [instance prompt, class prompt] embeddings (frozen text encoder)
     low_res: np.ndarray | None = None  # SR stage: (N, h, w, 3) in [-1, 1]
+    input_ids: np.ndarray | None = None  # (2, L): [instance, class] token ids (trained text encoder)
 
 
 def encode_images(vae, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -87,37 +88,62 @@ def make_host_batch(data: StageData, n_inst: int, cfg: TrainConfig, step: int, w
         n_cls = len(data.is_class) - n_inst
         idx += [n_inst + j for j in batch_indices(n_cls, b, step, cfg.seed + 1)]
     idx = np.asarray(idx)
-    batch = dict(latent_mean=data.latent_mean[idx], latent_logvar=data.latent_logvar[idx],
-                 is_class=data.is_class[idx], context=data.context[data.is_class[idx].astype(int)])
+    which = data.is_class[idx].astype(int)  # 0: instance prompt, 1: class prompt
+    batch = dict(latent_mean=data.latent_mean[idx], latent_logvar=data.latent_logvar[idx], is_class=data.is_class[idx])
+    if data.input_ids is not None:
+        batch["input_ids"] = data.input_ids[which]
+    else:
+        batch["context"] = data.context[which]
     if data.low_res is not None:
         batch["low_res"] = data.low_res[idx]
     return batch
 
 
 def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, step_cfg: StepConfig, *,
-                lr: float, steps: int, out_dir: Path, low_res_schedule=None,
+                lr: float, steps: int, out_dir: Path, low_res_schedule=None, text_encoder=None,
                 log: Callable[[str], None] = print, on_step: Callable | None = None):
-    """Train ``unet`` on ``data`` for ``steps`` steps with checkpoints in ``out_dir/checkpoints``.
-    Returns the trained UNet (EMA weights if enabled) and the metrics history."""
+    """Train ``unet`` (and ``text_encoder`` if given: ``data.input_ids`` then holds the prompts'
+    ids) on the precomputed DreamBooth ``data`` (instance examples first, then class examples)
+    for ``steps`` steps with checkpoints in ``out_dir/checkpoints``. Returns the trained UNet
+    (or ``{'unet', 'text_encoder'}`` when the text encoder is trained; EMA weights if enabled)
+    and the metrics history."""
+    with_prior = bool(data.is_class.any())
+    models = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
+    trained, history = train_loop(models, schedule, lambda step: make_host_batch(data, n_inst, cfg, step, with_prior),
+                                  cfg, step_cfg, lr=lr, steps=steps, out_dir=out_dir,
+                                  low_res_schedule=low_res_schedule, log=log, on_step=on_step)
+    return (trained["unet"] if text_encoder is None else trained), history
+
+
+def train_loop(models: dict, schedule, batch_fn: Callable[[int], dict], cfg: TrainConfig, step_cfg: StepConfig, *,
+               lr: float, steps: int, out_dir: Path, low_res_schedule=None,
+               log: Callable[[str], None] = print, on_step: Callable | None = None):
+    """The training loop: ``models`` ({'unet': UNet} or also 'text_encoder' when it is trained)
+    for ``steps`` steps on ``batch_fn(step)`` (a deterministic host batch, so that a resumed run
+    sees the same data), checkpoints in ``out_dir/checkpoints``, resume, SIGTERM, NaN stop.
+    Returns the trained models (EMA weights if enabled) and the metrics history."""
     from tqdm.auto import tqdm
 
-    with_prior = bool(data.is_class.any())
     mesh = make_mesh(cfg.fsdp)
-    global_b = cfg.train_batch_size * (2 if with_prior else 1)
+    host0 = batch_fn(0)
+    global_b = len(host0["is_class"])
     if global_b % mesh.size:
-        raise DreamboothError(f"global batch {global_b} (train_batch_size x {'2' if with_prior else '1'}) does not "
-                              f"split over {mesh.size} devices; set train_batch_size to a multiple of "
-                              f"{mesh.size // math.gcd(mesh.size, 2 if with_prior else 1)}")
-    graphdef, params = nnx.split(unet, nnx.Param)
+        raise DreamboothError(f"global batch {global_b} does not split over {mesh.size} devices; set "
+                              f"train_batch_size so that the batch (doubled with prior preservation) is a "
+                              f"multiple of {mesh.size}")
+    split = {name: nnx.split(m, nnx.Param) for name, m in models.items()}
+    params = {name: p for name, (_, p) in split.items()}
     tx = make_optimizer(lr_schedule(cfg, lr, steps), weight_decay=cfg.weight_decay, b1=cfg.adam_b1,
                         b2=cfg.adam_b2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum)
     ema = step_cfg.ema_decay is not None
-    abstract = jax.eval_shape(lambda p: init_state({"unet": p}, tx, ema), params)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, ema), params)
     shardings = param_shardings(abstract, mesh)
-    state = jax.jit(lambda p: init_state({"unet": p}, tx, ema), out_shardings=shardings)(params)
-    host0 = make_host_batch(data, n_inst, cfg, 0, with_prior)
+    state = jax.jit(lambda p: init_state(p, tx, ema), out_shardings=shardings)(params)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host0.items()}
-    step_fn = make_train_step(graphdef, schedule, tx, step_cfg, low_res_schedule=low_res_schedule)
+    text_graphdef = split["text_encoder"][0] if "text_encoder" in split else None
+    step_cfg = dataclasses.replace(step_cfg, train_text_encoder=text_graphdef is not None)
+    step_fn = make_train_step(split["unet"][0], schedule, tx, step_cfg, text_graphdef=text_graphdef,
+                              low_res_schedule=low_res_schedule)
     t0 = time.perf_counter()
     compiled = jit_train_step(step_fn, abstract, abstract_batch, {}, mesh)
     log(f"compiled train step in {time.perf_counter() - t0:.1f}s on {mesh.size} device(s) "
@@ -139,7 +165,7 @@ def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, 
     try:
         with StopSignal() as stop:
             for step in range(start, steps):
-                batch = global_batch(make_host_batch(data, n_inst, cfg, step, with_prior), mesh)
+                batch = global_batch(batch_fn(step), mesh)
                 state, metrics = compiled(state, batch, rng, {})
                 done = step + 1
                 m = None
@@ -170,12 +196,13 @@ def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, 
         if tb is not None:
             tb.close()
         ckpt.close()  # waits for an asynchronous save in flight, whatever ended the loop
-    final = state.ema["unet"] if ema else state.params["unet"]
+    final = state.ema if ema else state.params
     if jax.process_count() > 1:  # fsdp shards live on several hosts: gather them everywhere
         from jax.experimental import multihost_utils
 
         final = multihost_utils.process_allgather(final, tiled=True)
-    return nnx.merge(graphdef, jax.device_get(final)), history
+    final = jax.device_get(final)
+    return {name: nnx.merge(split[name][0], final[name]) for name in models}, history
 
 
 def _config_fingerprint(cfg: TrainConfig) -> dict:
@@ -189,31 +216,89 @@ def _load_instance_images(folder: str, size: int, flip: bool, center_crop: bool,
     return ds.images
 
 
-def _class_images(cfg: TrainConfig, pipe, out_dir: Path, log) -> np.ndarray:
-    """The class (prior) images at the training resolution: a given folder, a TFDS source, or
-    generated by the frozen model (cached with a manifest)."""
+def _class_images(cfg: TrainConfig, pipe, out_dir: Path, log, size: int | None = None) -> np.ndarray:
+    """The class (prior) images at ``size`` (default: the training resolution): a given folder,
+    a TFDS source, or generated by the frozen model (cached with a manifest)."""
     from dreambooth_jax.data.images import list_images, load_image
 
+    size = size or cfg.resolution
     if cfg.class_dir.startswith("tfds:"):
         from dreambooth_jax.data.tfds_source import open_image_source
 
         src = open_image_source(cfg.class_dir, cfg.class_data_dir or None)
         n = min(len(src), cfg.num_class_images)
         imgs = [np.asarray(src[i]["image"]) for i in range(n)]
-        return np.stack([_resize_uint8(im, cfg.resolution) for im in imgs]).astype(np.float32) / 127.5 - 1.0
-    folder = Path(cfg.class_dir) if cfg.class_dir else out_dir / "class_images"
+        return np.stack([_resize_uint8(im, size) for im in imgs]).astype(np.float32) / 127.5 - 1.0
+    folder = _class_folder(cfg, out_dir)
     manifest = folder / "manifest.json"
     if cfg.class_dir and folder.is_dir() and not manifest.exists() and list(folder.iterdir()):
         paths = list_images(folder)[: cfg.num_class_images]  # the user's own class photos
     else:
-        if jax.process_index() == 0:  # one process samples; the others wait, then read the folder
-            generate_class_images(cfg, pipe, folder, log)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("class_images")
+        _on_process_0(lambda: generate_class_images(cfg, pipe, folder, log), "class_images")
         paths = [folder / f"{i:05d}.png" for i in range(cfg.num_class_images)]
-    return np.stack([load_image(p, cfg.resolution) for p in paths])
+    return np.stack([load_image(p, size) for p in paths])
+
+
+def _class_folder(cfg: TrainConfig, out_dir: Path) -> Path:
+    return Path(cfg.class_dir) if cfg.class_dir else out_dir / "class_images"
+
+
+def _class_images_generated(cfg: TrainConfig, out_dir: Path) -> bool:
+    return not cfg.class_dir or (_class_folder(cfg, out_dir) / "manifest.json").exists()
+
+
+def _on_process_0(fn: Callable, name: str) -> None:
+    """Run ``fn`` (which writes files) on process 0 only; the other processes wait for it."""
+    if jax.process_index() == 0:
+        fn()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _sr_class_images(cfg: TrainConfig, pipe, out_dir: Path, log) -> np.ndarray:
+    """High-res class images for the SR stage's prior preservation. Class images drawn by the
+    frozen base model are upscaled by the frozen SR model (the frozen cascade's own output; a
+    resized low-res image would teach the SR model to blur); real class photos are used as they are."""
+    from dreambooth_jax.class_images import model_fingerprint
+    from dreambooth_jax.data.images import load_image
+
+    if not _class_images_generated(cfg, out_dir):
+        return _class_images(cfg, pipe, out_dir, log, size=cfg.sr_resolution)
+    low_paths = [_class_folder(cfg, out_dir) / f"{i:05d}.png" for i in range(cfg.num_class_images)]
+    cache = out_dir / "class_images_sr"
+    spec = {"low_res": [p.name for p in low_paths],
+            "low_res_manifest": json.loads((low_paths[0].parent / "manifest.json").read_text()),
+            "sr_model": model_fingerprint(pipe.path), "noise_level": cfg.sr_noise_level, "steps": cfg.class_steps,
+            "size": cfg.sr_resolution, "guidance": cfg.class_guidance}
+    paths = [cache / p.name for p in low_paths]
+
+    def generate():
+        stamp = cache / "manifest.json"
+        if stamp.exists() and json.loads(stamp.read_text()) == spec and all(p.exists() for p in paths):
+            return
+        from PIL import Image
+
+        from dreambooth_jax.diffusion.pipeline import UpscaleSampler
+
+        log(f"upscaling {len(low_paths)} class images with the frozen SR model into {cache}")
+        cache.mkdir(parents=True, exist_ok=True)
+        sampler = UpscaleSampler(pipe, sampler="ddim", steps=cfg.class_steps)
+        low_size = cfg.sr_resolution // 4
+        batch = 8
+        for i in range(0, len(low_paths), batch):
+            chunk = low_paths[i:i + batch]
+            low = np.stack([load_image(p, low_size) for p in chunk])
+            low = np.concatenate([low, np.repeat(low[-1:], batch - len(chunk), 0)])  # one compiled shape
+            res = sampler(low, [cfg.class_prompt] * batch, noise_level=cfg.sr_noise_level, seed=cfg.seed + i,
+                          guidance=cfg.class_guidance)
+            for p, im in zip(paths[i:i + batch], res.images):
+                Image.fromarray(im).save(p)
+        stamp.write_text(json.dumps(spec, indent=1) + "\n")
+
+    _on_process_0(generate, "class_images_sr")
+    return np.stack([load_image(p, cfg.sr_resolution) for p in paths])
 
 
 def _resize_uint8(im: np.ndarray, size: int) -> np.ndarray:
@@ -263,14 +348,14 @@ def generate_class_images(cfg: TrainConfig, pipe, folder: Path, log, batch_size:
 
 def make_validator(cfg: TrainConfig, pipe, folder: Path, log):
     """A step callback writing a grid of ``validation_prompts`` (fixed seed) every
-    ``validation_every`` steps, and at the end (called with ``final_unet``)."""
+    ``validation_every`` steps, and at the end (called with ``final``, the trained models)."""
     from dreambooth_jax.data.images import save_image_grid
     from dreambooth_jax.diffusion.pipeline import BaseSampler
 
     holder = {}
 
-    def validate(step, metrics, state, final_unet=None):
-        last = final_unet is not None
+    def validate(step, metrics, state, final=None):
+        last = final is not None
         if not cfg.validation_prompts or (not last and (not cfg.validation_every or step % cfg.validation_every)):
             return
         if jax.process_index() != 0:
@@ -279,8 +364,8 @@ def make_validator(cfg: TrainConfig, pipe, folder: Path, log):
             holder["sampler"] = BaseSampler(pipe, sampler="ddim", steps=cfg.validation_steps)
         sampler = holder["sampler"]
         # Host copy: the sampler's other params live on one device, the trained ones on the mesh.
-        unet_params = jax.device_get(nnx.state(final_unet) if last else state.params["unet"])
-        sampler.params = dict(sampler.params, unet=unet_params)
+        trained = {k: nnx.state(m) for k, m in final.items()} if last else state.params
+        sampler.params = dict(sampler.params, **jax.device_get(trained))
         res = sampler(cfg.validation_prompts, height=cfg.resolution, width=cfg.resolution,
                       seed=cfg.validation_seed, guidance=7.5)
         folder.mkdir(parents=True, exist_ok=True)
@@ -304,9 +389,6 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         raise DreamboothError("config key 'model' is empty: give a diffusers folder or hub id")
     if not cfg.instance_dir:
         raise DreamboothError("config key 'instance_dir' is empty: give the folder of subject photos")
-    if cfg.train_text_encoder:
-        raise DreamboothError("config key 'train_text_encoder: true' is not supported by the training run yet "
-                              "(the step supports it; the run precomputes embeddings with the frozen encoder)")
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -326,20 +408,28 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     all_images = np.concatenate(images).astype(np.float32)
     mean, logvar = encode_images(pipe.vae, all_images)
     is_class = np.arange(len(all_images)) >= len(inst)
-    context = encode_prompts(pipe, [cfg.instance_prompt, cfg.class_prompt])
-    data = StageData(mean, logvar, is_class, context)
+    prompts = [cfg.instance_prompt, cfg.class_prompt]
+    if cfg.train_text_encoder:  # the step runs the text encoder on the ids, with gradients
+        from dreambooth_jax.models.loading import tokenize
+
+        data = StageData(mean, logvar, is_class, None,
+                         input_ids=tokenize(pipe.tokenizer, prompts, pipe.text_encoder.config.max_position_embeddings))
+    else:  # frozen: embeddings computed once
+        data = StageData(mean, logvar, is_class, encode_prompts(pipe, prompts))
     schedule = schedule_from_config(pipe.scheduler_config)
     step_cfg = StepConfig(prior_loss_weight=cfg.prior_loss_weight if cfg.with_prior_preservation else 0.0,
                           min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
                           ema_decay=cfg.ema_decay, latent_scale=vcfg.scaling_factor, latent_shift=vcfg.shift_factor)
     validate = make_validator(cfg, pipe, out_dir / "base" / "validation", log)
-    unet, history = train_stage(pipe.unet, schedule, data, len(inst), cfg, step_cfg, lr=cfg.learning_rate,
-                                steps=cfg.max_train_steps, out_dir=out_dir / "base", log=log, on_step=validate)
-    validate(cfg.max_train_steps, None, None, final_unet=unet)
+    trained, history = train_stage(pipe.unet, schedule, data, len(inst), cfg, step_cfg, lr=cfg.learning_rate,
+                                   steps=cfg.max_train_steps, out_dir=out_dir / "base", log=log, on_step=validate,
+                                   text_encoder=pipe.text_encoder if cfg.train_text_encoder else None)
+    trained = trained if cfg.train_text_encoder else {"unet": trained}
+    validate(cfg.max_train_steps, None, None, final=trained)
     exported = out_dir / "model"
     if jax.process_index() == 0:
         (out_dir / "base" / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
-        export_pipeline(pipe.path, exported, {"unet": unet}, overwrite=True)
+        export_pipeline(pipe.path, exported, trained, overwrite=True)
         log(f"exported the fine-tuned model to {exported}")
     if cfg.sr_model:
         sr_exported = run_sr_stage(cfg, opts, out_dir, log)
@@ -351,7 +441,6 @@ def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log) -> Path:
     """Fine-tune the x4 upscaler on (low-res, high-res) pairs of the subject photos, with the
     low-res noise augmentation lowered to ``sr_noise_level`` (the paper lowers it so that fine
     subject texture survives), plus class pairs for prior preservation."""
-    from dreambooth_jax.data.images import list_images, load_image
     from dreambooth_jax.diffusion.schedules import schedule_from_config
     from dreambooth_jax.models import export_pipeline, load_pretrained
 
@@ -361,9 +450,7 @@ def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log) -> Path:
     hi = _load_instance_images(cfg.instance_dir, cfg.sr_resolution, cfg.flip, cfg.center_crop, cfg.seed)
     images = [hi]
     if cfg.with_prior_preservation:
-        folder = Path(cfg.class_dir) if cfg.class_dir and not cfg.class_dir.startswith("tfds:") else out_dir / "class_images"
-        paths = list_images(folder)[: cfg.num_class_images]
-        images.append(np.stack([load_image(p, cfg.sr_resolution) for p in paths]))
+        images.append(_sr_class_images(cfg, pipe, out_dir, log))
     hi_all = np.concatenate(images).astype(np.float32)
     low = np.asarray(jax.image.resize(hi_all, (len(hi_all), cfg.sr_resolution // 4, cfg.sr_resolution // 4, 3),
                                       "cubic", antialias=True)).clip(-1, 1)

@@ -31,6 +31,7 @@ class StepConfig:
     ema_decay: float | None = None  # None: no EMA
     train_text_encoder: bool = False
     sr_noise_level: int | None = None  # x4 upscaler: low-res noise augmentation level (class label)
+    sr_noise_random: bool = False  # draw each example's level uniformly from [0, sr_noise_level] (pretraining)
     latent_scale: float = 0.18215  # VAE scaling_factor
     latent_shift: float = 0.0
 
@@ -50,7 +51,10 @@ def _denoise_inputs(cfg: StepConfig, schedule, low_res_schedule, batch: dict, ke
     target = schedules.training_target(schedule, x0, noise, t)
     labels = None
     if cfg.sr_noise_level is not None:  # x4 upscaler: condition on the noise-augmented low-res image
-        level = jnp.full((b,), cfg.sr_noise_level, jnp.int32)
+        if cfg.sr_noise_random:
+            level = jax.random.randint(jax.random.fold_in(k_lr, 1), (b,), 0, cfg.sr_noise_level + 1)
+        else:
+            level = jnp.full((b,), cfg.sr_noise_level, jnp.int32)
         low = batch["low_res"]
         low = schedules.add_noise(low_res_schedule, low, jax.random.normal(k_lr, low.shape, low.dtype), level)
         noisy = jnp.concatenate([noisy, low.astype(noisy.dtype)], axis=-1)
