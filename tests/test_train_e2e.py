@@ -111,7 +111,7 @@ def test_train_text_encoder(pipeline_dirs, tmp_path):
     out = tmp_path / "te"
     args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"model={pipeline_dirs('sd1')}",
             f"instance_dir={SUBJECT}", f"output_dir={out}", "max_train_steps=4", "resolution=32",
-            "num_class_images=2", "class_steps=2", "log_every=2", "train_batch_size=2", "train_text_encoder=true",
+            "num_class_images=4", "class_steps=2", "log_every=2", "train_batch_size=4", "train_text_encoder=true",
             "validation_prompts=[]"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
