@@ -1,6 +1,7 @@
-"""Train-step benchmark: our jitted DreamBooth step vs diffusers' PyTorch DreamBooth step.
+"""Train-step benchmark: our jitted DreamBooth step vs diffusers' PyTorch DreamBooth step
+(and, optionally, vs diffusers 0.39's Flax one).
 
-    python scripts/bench_train.py [--configs tiny,small] [--repeats 3]
+    python scripts/bench_train.py [--configs tiny,small] [--repeats 3] [--flax039-python PATH]
 
 Work (shared/BENCHMARKS.md): batch 2 instance + 2 class images at the config's resolution,
 noise + UNet forward/backward + instance MSE + 1.0 x prior MSE, clip-grad-norm 1.0 + AdamW
@@ -8,6 +9,19 @@ noise + UNet forward/backward + instance MSE + 1.0 x prior MSE, clip-grad-norm 1
 images with the VAE and prompts with the text encoder in every step; ours uses latents and
 embeddings precomputed once), (b) the same work on both sides (UNet fwd/bwd + AdamW from given
 latents and embeddings). torch uses 2 threads. Ratios are from this one run.
+
+diffusers 0.39 Flax row (``--flax039-python``): diffusers 0.39.0 is the last release with Flax
+models; its old ``train_dreambooth_flax.py`` step (one device: jit with donated state instead of
+pmap) runs on the same work as (b) in scripts/bench_flax039_worker.py, under a separate interpreter
+(random ``init_weights`` weights: that venv has no torch to load ours; speed does not depend on the
+values). XLA's thread count is left at its default on both jax sides. Create the venv with our
+jax and flax versions (``python -c "import jax, flax; print(jax.__version__, flax.__version__)"``):
+
+    python3 -m venv /tmp/venv039 && /tmp/venv039/bin/pip install diffusers==0.39.0 \\
+        transformers==4.57.6 "jax[cpu]==<same as ours>" "flax==<same as ours>"
+
+Speedup = reference step time / our step time (our steps per second over theirs); "ref first" is
+the reference's first call (for the Flax row: jit compile + one step, like "ours first").
 """
 
 from __future__ import annotations
@@ -21,6 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import checkpoint, peak_rss_gb, timed  # noqa: E402
+
+WORKER = Path(__file__).resolve().parent / "bench_flax039_worker.py"
 
 SIZES = {"tiny": 64, "small": 256}
 
@@ -61,7 +77,32 @@ def bench_ours(folder, size, repeats, dtype="float32"):
         holder["state"], m = holder["compiled"](holder["state"], batch, key, {})
         jax.block_until_ready(m["loss"])
 
-    return timed(run, repeats)
+    out = timed(run, repeats)
+    out["params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return out
+
+
+def bench_flax039(python: str, folder: Path, size: int, repeats: int, dtype: str) -> dict:
+    """diffusers 0.39's Flax step in ``python`` (scripts/bench_flax039_worker.py). Returns its JSON
+    ({compile_s, step_s, params, ...}) or {"error": one line} when the interpreter or the worker fails."""
+    import json
+    import subprocess
+
+    cmd = [python, str(WORKER), "--unet-config", str(folder / "unet" / "config.json"),
+           "--vae-config", str(folder / "vae" / "config.json"), "--size", str(size),
+           "--repeats", str(repeats), "--dtype", dtype]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as e:  # missing / not executable interpreter, hang
+        return {"error": f"{type(e).__name__}: {e}"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        return {"error": f"exit {proc.returncode}: {err[-1] if err else 'no output'}"}
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError as e:
+        return {"error": f"unreadable worker output ({e}): {lines[-1][:200]}"}
 
 
 def bench_torch(folder, size, repeats, full: bool):
@@ -110,7 +151,9 @@ def bench_torch(folder, size, repeats, full: bool):
 @click.option("--configs", default="tiny,small", show_default=True)
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--dtype", default="float32", show_default=True, help="our compute dtype")
-def main(configs, repeats, dtype):
+@click.option("--flax039-python", default="", help="interpreter of a venv with diffusers 0.39.0 (Flax): "
+              "adds a 'diffusers 0.39 Flax (same work)' row; empty: skip it")
+def main(configs, repeats, dtype, flax039_python):
     import jax
 
     rows = []
@@ -120,16 +163,29 @@ def main(configs, repeats, dtype):
         rss = peak_rss_gb()
         t_b = bench_torch(folder, size, repeats, full=False)
         t_a = bench_torch(folder, size, repeats, full=True)
-        rows.append((name, ours, t_a, t_b, rss))
+        fx = bench_flax039(flax039_python, folder, size, repeats, dtype) if flax039_python else None
+        if fx is not None and "error" in fx:
+            print(f"{name}: diffusers 0.39 Flax row skipped: {flax039_python} failed: {fx['error']}", flush=True)
+        rows.append((name, ours, t_a, t_b, fx, rss))
     print(f"\ntrain step: 2 instance + 2 class images, UNet fwd/bwd + prior MSE + clip + AdamW; jax {jax.__version__} "
           f"on {jax.default_backend()}, 1 device, {dtype}; torch 2 threads")
-    print(f"{'config':7s} {'row':32s} {'ours first':>10s} {'ours step':>10s} {'torch step':>10s} {'speedup':>8s}")
-    for name, o, ta, tb, rss in rows:
-        for label, t in (("(a) as run (ours: precomputed)", ta), ("(b) same work", tb)):
-            print(f"{name:7s} {label:32s} {o['first_s']:10.1f} {o['median_s']:10.3f} {t['median_s']:10.3f} "
-                  f"{t['median_s'] / o['median_s']:7.2f}x")
+    print(f"{'config':7s} {'row':32s} {'ours first':>10s} {'ours step':>10s} {'ref first':>10s} {'ref step':>10s} "
+          f"{'speedup':>8s}")
+    for name, o, ta, tb, fx, rss in rows:
+        refs = [("(a) as run (ours: precomputed)", ta["first_s"], ta["median_s"]),
+                ("(b) same work", tb["first_s"], tb["median_s"])]
+        if fx is not None and "error" not in fx:
+            refs.append(("diffusers 0.39 Flax (same work)", fx["compile_s"], fx["step_s"]))
+        for label, first, step in refs:
+            print(f"{name:7s} {label:32s} {o['first_s']:10.1f} {o['median_s']:10.3f} {first:10.1f} {step:10.3f} "
+                  f"{step / o['median_s']:7.2f}x")
+        if fx is not None and "error" not in fx:
+            same = "match" if fx["params"] == o["params"] else "MISMATCH"
+            print(f"{name:7s} UNet params: ours {o['params']:,}, diffusers 0.39 Flax {fx['params']:,} ({same})")
         print(f"{name:7s} peak RSS after ours: {rss:.2f} GB")
     print(f"peak RSS of this process (both sides): {peak_rss_gb():.2f} GB")
+    print("ref: (a), (b) diffusers PyTorch; 'diffusers 0.39 Flax' in its own interpreter (compile + 1 step first)"
+          if flax039_python else "ref: diffusers PyTorch")
 
 
 if __name__ == "__main__":
