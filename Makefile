@@ -18,8 +18,9 @@ test: setup
 test-all: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m ''
 
+# The embedded default: toy prior + toy subject -> class images, DreamBooth (base + SR), samples, metrics.
 demo: setup
-	$(BIN)/python scripts/demo.py --out out/demo
+	$(BIN)/python -m dreambooth_jax.demo --out out/demo
 
 clean:
 	rm -rf $(VENV) out

@@ -23,11 +23,12 @@ import numpy as np
 @click.option("--out", default="dreambooth_jax/assets/toy", show_default=True, help="where prior/ and sr/ are written")
 @click.option("--n-images", default=20000, show_default=True, help="toy photos for the base stage")
 @click.option("--n-sr", default=4000, show_default=True, help="toy photos (128 px) for the SR stage")
-@click.option("--vae-steps", default=2500, show_default=True)
+@click.option("--vae-steps", default=4000, show_default=True)
 @click.option("--base-steps", default=15000, show_default=True)
 @click.option("--sr-steps", default=5000, show_default=True)
+@click.option("--sr2-steps", default=3000, show_default=True, help="SR phase 2 (16-latent crops)")
 @click.option("--seed", default=0, show_default=True)
-def main(work, out, n_images, n_sr, vae_steps, base_steps, sr_steps, seed):
+def main(work, out, n_images, n_sr, vae_steps, base_steps, sr_steps, sr2_steps, seed):
     from dreambooth_jax.models import ModelOptions
     from dreambooth_jax.models.loading import load_vae, save_component
     from dreambooth_jax.toy import pretrain as P
@@ -60,6 +61,11 @@ def main(work, out, n_images, n_sr, vae_steps, base_steps, sr_steps, seed):
     sr_unet, sr_text, sr_hist = timed("sr", lambda: P.train_sr(work / "sr", vae, hi[:n_sr], captions[:n_sr],
                                                                 steps=sr_steps, seed=seed))
     report["sr"]["final_loss"] = sr_hist[-1]["loss"]
+    # Phase 2: larger crops (more context), min-SNR weighting, lower lr, from phase 1's EMA weights.
+    sr_unet, sr_text, sr_hist = timed("sr2", lambda: P.train_sr(
+        work / "sr2", vae, hi[:n_sr], captions[:n_sr], steps=sr2_steps, batch=16, crop=16, lr=5e-4, seed=seed + 1,
+        min_snr_gamma=5.0, init={"unet": sr_unet, "text_encoder": sr_text}))
+    report["sr2"]["final_loss"] = sr_hist[-1]["loss"]
     del hi
     unet, text, hist = timed("base", lambda: P.train_base(work / "base", vae, lo, captions, steps=base_steps,
                                                           seed=seed))

@@ -58,3 +58,26 @@ def test_foreign_images_without_manifest(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "00000.png")
     with pytest.raises(ClassImagesError, match="no manifest.json"):
         ensure_class_images(tmp_path, ClassImageSpec(prompt="x", num=2), "fp", _sampler([]))
+
+
+def test_class_images_command(tmp_path):
+    """`dreambooth-jax class-images` samples with the frozen model, writes the manifest, and a
+    second call with a larger --num only tops the folder up."""
+    from click.testing import CliRunner
+
+    from dreambooth_jax.cli import main
+    from dreambooth_jax.demo import TOY_PRIOR
+
+    out = tmp_path / "cls"
+    args = ["class-images", "--model", str(TOY_PRIOR), "--class-prompt", "a photo of a box", "--out", str(out),
+            "--steps", "3", "--size", "32"]
+    r = CliRunner().invoke(main, args + ["--num", "3"])
+    assert r.exit_code == 0, r.output
+    first = (out / "00000.png").read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompt"] == "a photo of a box" and manifest["sampler"] == "ddpm" and manifest["count"] == 3
+    r = CliRunner().invoke(main, args + ["--num", "5"])
+    assert r.exit_code == 0 and "5 class images" in r.output, r.output
+    assert (out / "00000.png").read_bytes() == first and (out / "00004.png").exists()
+    r = CliRunner().invoke(main, args[:-2] + ["--size", "64", "--num", "5"])  # another setting: refused
+    assert r.exit_code != 0 and "made with other settings (height: 32 -> 64" in r.output, r.output

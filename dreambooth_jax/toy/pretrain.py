@@ -28,7 +28,7 @@ BASE_SIZE = 32  # base-stage image size (8x8x4 latents)
 SR_SIZE = 128  # SR-stage output size (x4)
 MAX_TOKENS = 16  # toy captions are short: text encoder positions and tokenizer max length
 
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32, 32], layers_per_block=1,
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32, 64], layers_per_block=1,
            down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
            act_fn="silu", norm_num_groups=8, sample_size=BASE_SIZE, scaling_factor=1.0,
            mid_block_add_attention=False)
@@ -126,20 +126,21 @@ def render_dataset(n: int, seed: int, size: int) -> tuple[np.ndarray, list[str]]
 
 
 # ----------------------------------------------------------------------------- VAE
-def train_vae(out_dir: Path, *, steps: int = 3000, batch: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
+def train_vae(out_dir: Path, *, steps: int = 4000, batch: int = 16, lr: float = 1.5e-3, kl_weight: float = 1e-6,
               seed: int = 0, n_images: int = 6000, log: Callable = print):
     """Reconstruction (L1 + L2) with a small KL term, on 32 px photos and 32 px crops of 128 px
-    photos (so one VAE serves both stages: it is fully convolutional). Resumable."""
+    photos (so one VAE serves both stages: it is fully convolutional), of the toy world and of
+    generic random patterns (so it encodes colors and patterns the world lacks). Resumable."""
     from tqdm.auto import tqdm
 
     from dreambooth_jax.training.checkpoint import Checkpointer, abstract_like
 
-    rng = np.random.default_rng(seed)
-    hi, _ = render_dataset(n_images // 2, seed + 100, SR_SIZE)
-    lo = world.downsample(hi, BASE_SIZE)
-    lo2 = world.downsample(render_dataset(n_images // 2, seed + 101, SR_SIZE)[0], BASE_SIZE)
-    small = to_float(np.concatenate([lo, lo2]))
-    hi = to_float(hi)
+    toy_hi, _ = render_dataset(n_images // 2, seed + 100, SR_SIZE)
+    toy_lo = world.downsample(np.concatenate([toy_hi, render_dataset(n_images // 2, seed + 101, SR_SIZE)[0]]), BASE_SIZE)
+    pat_hi = world.random_patterns(n_images // 4, seed + 102, SR_SIZE)
+    # 32 px images, and 32 px crops of 128 px ones (the SR stage's latents); toy photos and generic patterns.
+    small = to_float(np.concatenate([toy_lo, world.downsample(pat_hi, BASE_SIZE)]))
+    hi = to_float(np.concatenate([toy_hi, pat_hi]))
 
     def batch_at(step):
         r = np.random.default_rng((seed, step))
@@ -253,10 +254,12 @@ def train_base(out_dir: Path, vae, images: np.ndarray, captions: list[str], *, s
 
 
 def train_sr(out_dir: Path, vae, images: np.ndarray, captions: list[str], *, steps: int = 5000, batch: int = 32,
-             crop: int = 8, lr: float = 1e-3, caption_dropout: float = 0.1, seed: int = 0, log: Callable = print):
+             crop: int = 8, lr: float = 1e-3, caption_dropout: float = 0.1, seed: int = 0, min_snr_gamma=None,
+             init: dict | None = None, log: Callable = print):
     """The x4-upscaler-style SR UNet (and its own text encoder, as the real upscaler has its own)
     on (32 px, 128 px) pairs: random aligned crops of ``crop`` latents (the low-res image has the
-    latents' size), noise augmentation level drawn uniformly in [0, MAX_NOISE_LEVEL] per example."""
+    latents' size), noise augmentation level drawn uniformly in [0, MAX_NOISE_LEVEL] per example.
+    ``init``: models to continue from (a second phase on larger crops)."""
     from dreambooth_jax.diffusion.schedules import schedule_from_config
     from dreambooth_jax.models.loading import default_tokenizer
     from dreambooth_jax.training.run import encode_images, train_loop
@@ -282,8 +285,8 @@ def train_sr(out_dir: Path, vae, images: np.ndarray, captions: list[str], *, ste
 
     cfg = _train_config(train_batch_size=batch, learning_rate=lr, max_train_steps=steps, seed=seed)
     step_cfg = StepConfig(prior_loss_weight=0.0, ema_decay=0.999, sr_noise_level=MAX_NOISE_LEVEL,
-                          sr_noise_random=True, latent_scale=vae.config.scaling_factor)
-    models = {"unet": build("unet", SR_UNET, seed + 3), "text_encoder": build("text_encoder", TEXT, seed + 4)}
+                          sr_noise_random=True, latent_scale=vae.config.scaling_factor, min_snr_gamma=min_snr_gamma)
+    models = init or {"unet": build("unet", SR_UNET, seed + 3), "text_encoder": build("text_encoder", TEXT, seed + 4)}
     trained, history = train_loop(models, schedule_from_config(SR_SCHEDULER), batch_fn, cfg, step_cfg, lr=lr,
                                   steps=steps, out_dir=out_dir, low_res_schedule=schedule_from_config(SR_LOW_RES_SCHEDULER),
                                   log=log)

@@ -258,7 +258,7 @@ def downsample(images: np.ndarray, size: int) -> np.ndarray:
 
 
 __all__ = ["CLASSES", "COLORS", "CONTEXTS", "SUBJECT", "SUBJECT_CLASS", "SUBJECT_PHOTO_CONTEXTS", "Scene",
-           "caption", "random_scene", "random_caption", "render", "sample_dataset", "subject_scenes", "downsample", "write_subject_photos"]
+           "caption", "random_scene", "random_caption", "render", "sample_dataset", "subject_scenes", "downsample", "write_subject_photos", "random_patterns"]
 
 
 SUBJECT_SEED = 2024  # the seed of the shipped subject photos (assets/toy/subject)
@@ -276,3 +276,37 @@ def write_subject_photos(folder, n: int = 5, seed: int = SUBJECT_SEED, size: int
         Image.fromarray(render(sc, size)).save(p)
         paths.append(p)
     return paths
+
+
+def random_patterns(n: int, seed: int, size: int = 128) -> np.ndarray:
+    """Generic "photos" for the VAE only: random shapes, checkers and stripes in arbitrary colors on
+    random gradients. SD's VAE was trained on broad data and can encode any photo; training ours on
+    these besides the toy world keeps it from failing on colors and patterns the world lacks (such
+    as the subject's) without ever showing it the subject."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = size * 2
+        img = Image.new("RGB", (s, s))
+        draw = ImageDraw.Draw(img)
+        col = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))  # noqa: E731
+        _vertical_gradient(draw, (0, 0, s, s), col(), col())
+        for _ in range(int(rng.integers(2, 7))):
+            x0, y0 = rng.uniform(-0.1, 0.9, 2) * s
+            w, h = rng.uniform(0.1, 0.6, 2) * s
+            kind = rng.integers(4)
+            if kind == 0:
+                draw.ellipse([x0, y0, x0 + w, y0 + h], fill=col())
+            elif kind == 1:
+                draw.polygon([tuple(p) for p in rng.uniform(0, 1, (int(rng.integers(3, 6)), 2)) * s], fill=col())
+            else:  # rectangle, plain or with a checker / stripes
+                a, b = col(), col()
+                cells = int(rng.integers(1, 5))
+                for i in range(cells):
+                    for k in range(cells):
+                        c = a if (kind == 2 and (i + k) % 2 == 0) or (kind == 3 and i % 2 == 0) else b
+                        draw.rectangle([x0 + w * i / cells, y0 + h * k / cells,
+                                        x0 + w * (i + 1) / cells, y0 + h * (k + 1) / cells], fill=c)
+        out.append(np.asarray(img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
+                              .resize((size, size), Image.LANCZOS)))
+    return np.stack(out)
