@@ -10,18 +10,21 @@ images with the VAE and prompts with the text encoder in every step; ours uses l
 embeddings precomputed once), (b) the same work on both sides (UNet fwd/bwd + AdamW from given
 latents and embeddings). torch uses 2 threads. Ratios are from this one run.
 
-diffusers 0.39 Flax row (``--flax039-python``): diffusers 0.39.0 is the last release with Flax
+diffusers 0.39 Flax rows (``--flax039-python``): diffusers 0.39.0 is the last release with Flax
 models; its old ``train_dreambooth_flax.py`` step (one device: jit with donated state instead of
-pmap) runs on the same work as (b) in scripts/bench_flax039_worker.py, under a separate interpreter
-(random ``init_weights`` weights: that venv has no torch to load ours; speed does not depend on the
-values). XLA's thread count is left at its default on both jax sides. Create the venv with our
-jax and flax versions (``python -c "import jax, flax; print(jax.__version__, flax.__version__)"``):
+pmap) runs in scripts/bench_flax039_worker.py, under a separate interpreter, twice: "(as run)" as
+the script runs it, FlaxAutoencoderKL encode + FlaxCLIPTextModel forward inside every step (compare
+with (a)), and "(same work)" from given latents and embeddings (compare with (b)). Random weights
+(``init_weights``: that venv has no torch to load ours; speed does not depend on the values); the
+UNet's, VAE's and text encoder's parameter counts are checked against ours / diffusers PyTorch.
+XLA's thread count is left at its default on both jax sides. Create the venv with our jax and flax
+versions (``python -c "import jax, flax; print(jax.__version__, flax.__version__)"``):
 
     python3 -m venv /tmp/venv039 && /tmp/venv039/bin/pip install diffusers==0.39.0 \\
         transformers==4.57.6 "jax[cpu]==<same as ours>" "flax==<same as ours>"
 
 Speedup = reference step time / our step time (our steps per second over theirs); "ref first" is
-the reference's first call (for the Flax row: jit compile + one step, like "ours first").
+the reference's first call (for the Flax rows: jit compile + one step, like "ours first").
 """
 
 from __future__ import annotations
@@ -82,14 +85,16 @@ def bench_ours(folder, size, repeats, dtype="float32"):
     return out
 
 
-def bench_flax039(python: str, folder: Path, size: int, repeats: int, dtype: str) -> dict:
-    """diffusers 0.39's Flax step in ``python`` (scripts/bench_flax039_worker.py). Returns its JSON
-    ({compile_s, step_s, params, ...}) or {"error": one line} when the interpreter or the worker fails."""
+def bench_flax039(python: str, folder: Path, size: int, repeats: int, dtype: str, mode: str = "same_work") -> dict:
+    """diffusers 0.39's Flax step in ``python`` (scripts/bench_flax039_worker.py --mode ``mode``: same_work or
+    as_run). Returns its JSON ({compile_s, step_s, params, ...}) or {"error": one line} when the interpreter
+    or the worker fails."""
     import json
     import subprocess
 
-    cmd = [python, str(WORKER), "--unet-config", str(folder / "unet" / "config.json"),
-           "--vae-config", str(folder / "vae" / "config.json"), "--size", str(size),
+    cmd = [python, str(WORKER), "--mode", mode, "--unet-config", str(folder / "unet" / "config.json"),
+           "--vae-config", str(folder / "vae" / "config.json"),
+           "--text-encoder-config", str(folder / "text_encoder" / "config.json"), "--size", str(size),
            "--repeats", str(repeats), "--dtype", dtype]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -144,7 +149,10 @@ def bench_torch(folder, size, repeats, full: bool):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, repeats)
+    out = timed(step, repeats)
+    out["vae_params"] = sum(p.numel() for p in vae.parameters())
+    out["text_encoder_params"] = sum(p.numel() for p in text.parameters())
+    return out
 
 
 @click.command()
@@ -152,7 +160,7 @@ def bench_torch(folder, size, repeats, full: bool):
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--dtype", default="float32", show_default=True, help="our compute dtype")
 @click.option("--flax039-python", default="", help="interpreter of a venv with diffusers 0.39.0 (Flax): "
-              "adds a 'diffusers 0.39 Flax (same work)' row; empty: skip it")
+              "adds the 'diffusers 0.39 Flax (as run)' and '(same work)' rows; empty: skip them")
 def main(configs, repeats, dtype, flax039_python):
     import jax
 
@@ -163,28 +171,42 @@ def main(configs, repeats, dtype, flax039_python):
         rss = peak_rss_gb()
         t_b = bench_torch(folder, size, repeats, full=False)
         t_a = bench_torch(folder, size, repeats, full=True)
-        fx = bench_flax039(flax039_python, folder, size, repeats, dtype) if flax039_python else None
-        if fx is not None and "error" in fx:
-            print(f"{name}: diffusers 0.39 Flax row skipped: {flax039_python} failed: {fx['error']}", flush=True)
+        fx = {}  # mode -> worker JSON; failed modes are reported and left out
+        for mode in ("as_run", "same_work") if flax039_python else ():
+            r = bench_flax039(flax039_python, folder, size, repeats, dtype, mode)
+            if "error" in r:
+                print(f"{name}: diffusers 0.39 Flax ({mode.replace('_', ' ')}) row skipped: {flax039_python} "
+                      f"failed: {r['error']}", flush=True)
+            else:
+                fx[mode] = r
         rows.append((name, ours, t_a, t_b, fx, rss))
     print(f"\ntrain step: 2 instance + 2 class images, UNet fwd/bwd + prior MSE + clip + AdamW; jax {jax.__version__} "
           f"on {jax.default_backend()}, 1 device, {dtype}; torch 2 threads")
     print(f"{'config':7s} {'row':32s} {'ours first':>10s} {'ours step':>10s} {'ref first':>10s} {'ref step':>10s} "
           f"{'speedup':>8s}")
     for name, o, ta, tb, fx, rss in rows:
-        refs = [("(a) as run (ours: precomputed)", ta["first_s"], ta["median_s"]),
-                ("(b) same work", tb["first_s"], tb["median_s"])]
-        if fx is not None and "error" not in fx:
-            refs.append(("diffusers 0.39 Flax (same work)", fx["compile_s"], fx["step_s"]))
+        refs = [("(a) as run (ours: precomputed)", ta["first_s"], ta["median_s"])]
+        if "as_run" in fx:
+            refs.append(("diffusers 0.39 Flax (as run)", fx["as_run"]["compile_s"], fx["as_run"]["step_s"]))
+        refs.append(("(b) same work", tb["first_s"], tb["median_s"]))
+        if "same_work" in fx:
+            refs.append(("diffusers 0.39 Flax (same work)", fx["same_work"]["compile_s"], fx["same_work"]["step_s"]))
         for label, first, step in refs:
             print(f"{name:7s} {label:32s} {o['first_s']:10.1f} {o['median_s']:10.3f} {first:10.1f} {step:10.3f} "
                   f"{step / o['median_s']:7.2f}x")
-        if fx is not None and "error" not in fx:
-            same = "match" if fx["params"] == o["params"] else "MISMATCH"
-            print(f"{name:7s} UNet params: ours {o['params']:,}, diffusers 0.39 Flax {fx['params']:,} ({same})")
+        for mode, r in fx.items():
+            same = "match" if r["params"] == o["params"] else "MISMATCH"
+            print(f"{name:7s} UNet params: ours {o['params']:,}, diffusers 0.39 Flax ({mode.replace('_', ' ')}) "
+                  f"{r['params']:,} ({same})")
+        if "as_run" in fx:
+            for key, what in (("vae_params", "VAE"), ("text_encoder_params", "text encoder")):
+                same = "match" if fx["as_run"].get(key) == ta[key] else "MISMATCH"
+                print(f"{name:7s} {what} params: diffusers PyTorch {ta[key]:,}, diffusers 0.39 Flax "
+                      f"{fx['as_run'].get(key, 0):,} ({same})")
         print(f"{name:7s} peak RSS after ours: {rss:.2f} GB")
     print(f"peak RSS of this process (both sides): {peak_rss_gb():.2f} GB")
-    print("ref: (a), (b) diffusers PyTorch; 'diffusers 0.39 Flax' in its own interpreter (compile + 1 step first)"
+    print("ref: (a), (b) diffusers PyTorch; 'diffusers 0.39 Flax' in its own interpreter (compile + 1 step first); "
+          "'(as run)' rows: the reference encodes images + prompts in every step, ours does not"
           if flax039_python else "ref: diffusers PyTorch")
 
 
