@@ -136,8 +136,8 @@ def evaluate_samples(images: dict, contexts: list[str], class_noun: str, subject
         "class_fidelity": ev.class_fidelity(flat, class_noun),
         "PRES": ev.pres(cls_out),
         "class_prompt_class_fidelity": ev.class_fidelity(cls_out, class_noun),
-        "DIV": ev.div(groups),
-        "DIV_class": ev.div([cls_out]),
+        "DIV": ev.perceptual_div(groups),
+        "DIV_class": ev.perceptual_div([cls_out]),
     }
 
 
@@ -148,7 +148,7 @@ METRIC_DOCS = {
     "class_fidelity": "mean P(class noun) on the same samples",
     "PRES": "mean P(subject) on samples of the class prompt 'a photo of a [class]' (prior preservation: lower is better)",
     "class_prompt_class_fidelity": "mean P(class noun) on the class-prompt samples (does 'a [class]' still give the class)",
-    "DIV": "mean pairwise (1 - cosine) of evaluator embeddings among samples of one subject prompt, averaged over prompts",
+    "DIV": "mean pairwise LPIPS-style distance (unit-normalised evaluator feature maps of 3 stages) among samples of one subject prompt, averaged over prompts (the paper's DIV uses LPIPS)",
     "DIV_class": "the same on the class-prompt samples",
 }
 

@@ -27,7 +27,7 @@ def test_shipped_evaluator_classifies_fresh_renders(shipped):
     rng = np.random.default_rng(HELD_OUT_SEED)
     scenes = [world.random_scene(rng) for _ in range(60)]
     out = toy.evaluate(shipped, _render(scenes))
-    assert set(out) == {"cls", "color", "context", "subject", "embedding"}
+    assert set(out) == {"cls", "color", "context", "subject", "embedding", "map0", "map1", "map2"}
     assert out["embedding"].shape == (60, 64)
     np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=-1), 1.0, atol=1e-5)
     cls_acc = np.mean([world.CLASSES[i] == sc.cls for i, sc in zip(out["cls"].argmax(-1), scenes)])
@@ -115,3 +115,21 @@ def test_missing_or_corrupt_folder_names_the_path(tmp_path):
     (corrupt / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         toy.load_evaluator(corrupt)
+
+
+def test_perceptual_div_on_constructed_maps():
+    """DIV with the LPIPS-style distance: unit-normalised channel vectors per position; identical
+    maps are 0 apart, opposite unit vectors 4 (squared distance), averaged over positions/stages."""
+    one = np.zeros((1, 2, 2, 3), np.float32)
+    one[..., 0] = 1.0
+    a = {"map0": one, "embedding": np.ones((1, 4))}
+    b = {"map0": -one * 5.0, "embedding": np.ones((1, 4))}  # scale does not matter, direction does
+    assert toy.perceptual_distance(a, a)[0] == pytest.approx(0.0)
+    assert toy.perceptual_distance(a, b)[0] == pytest.approx(4.0)
+    half = one.copy()
+    half[:, 0, :, 0] = -1.0  # one of two rows flipped: half the positions at distance 4
+    group = {k: np.concatenate([a[k], {"map0": half, "embedding": np.ones((1, 4))}[k]]) for k in a}
+    assert toy.perceptual_div([group]) == pytest.approx(2.0)
+    assert toy.perceptual_div([{k: np.concatenate([v, v]) for k, v in a.items()}]) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least two samples"):
+        toy.perceptual_div([a])

@@ -62,11 +62,15 @@ class ToyEvaluator(nnx.Module):
         return {"channels": list(self.channels), "embed_dim": self.embed_dim, "groups": self.groups, "image_size": SIZE}
 
     def __call__(self, x):
-        for conv, norm in zip(self.convs, self.norms):
+        maps = []
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             x = nnx.silu(norm(conv(x)))
+            if i % 2:  # the output of each stage (16x16, 8x8, 4x4): the perceptual distance's features
+                maps.append(x)
         feat = self.proj(x.mean(axis=(1, 2)))
         out = {k: self.heads[k](nnx.silu(feat)) for k in HEADS}
         out["embedding"] = feat / jnp.sqrt(jnp.sum(feat**2, -1, keepdims=True) + 1e-12)
+        out.update({f"map{i}": m for i, m in enumerate(maps)})
         return out
 
 
@@ -213,11 +217,12 @@ def load_evaluator(folder=None) -> ToyEvaluator:
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, x):
     out = nnx.merge(graphdef, state)(x)
-    return {k: jax.nn.softmax(out[k]) for k in HEADS} | {"embedding": out["embedding"]}
+    return {k: jax.nn.softmax(out[k]) if k in HEADS else out[k] for k in out}
 
 
 def evaluate(model: ToyEvaluator, images_uint8, batch: int = 64) -> dict[str, np.ndarray]:
-    """Probabilities per head (``cls``, ``color``, ``context``, ``subject``) and ``embedding``.
+    """Probabilities per head (``cls``, ``color``, ``context``, ``subject``), ``embedding``, and
+    the feature maps ``map0..map2`` of the three stages (for ``perceptual_distance``).
 
     images: uint8 (N, H, W, 3) of any size; resized to 32x32 with anti-aliasing (LANCZOS) first.
     """
@@ -283,4 +288,32 @@ def div(out_groups) -> float:
             raise ValueError("DIV needs at least two samples per prompt")
         iu = np.triu_indices(n, k=1)
         scores.append(np.mean(1.0 - (e @ e.T)[iu]))
+    return float(np.mean(scores))
+
+
+def perceptual_distance(a: dict, b: dict) -> np.ndarray:
+    """LPIPS-style distance between two ``evaluate`` outputs of the same length, per pair: at each
+    position of each stage's feature map the channel vector is unit-normalised, the squared
+    difference is averaged over positions, then over the three stages (LPIPS learns per-channel
+    weights; here they are uniform). Unlike the pooled embedding it sees layout: where the object
+    is, its size and pose, the background."""
+    total = 0.0
+    keys = sorted(k for k in a if k.startswith("map"))
+    for k in keys:
+        fa = a[k] / np.sqrt(np.sum(a[k] ** 2, -1, keepdims=True) + 1e-10)
+        fb = b[k] / np.sqrt(np.sum(b[k] ** 2, -1, keepdims=True) + 1e-10)
+        total = total + np.mean(np.sum((fa - fb) ** 2, -1), axis=(1, 2))
+    return total / len(keys)
+
+
+def perceptual_div(out_groups) -> float:
+    """DIV as the paper computes it, with ``perceptual_distance`` in the place of LPIPS: the mean
+    over prompts of the mean distance over all pairs of samples of that prompt."""
+    scores = []
+    for out in out_groups:
+        n = len(out["embedding"])
+        if n < 2:
+            raise ValueError("DIV needs at least two samples per prompt")
+        i, j = np.triu_indices(n, k=1)
+        scores.append(np.mean(perceptual_distance({k: v[i] for k, v in out.items()}, {k: v[j] for k, v in out.items()})))
     return float(np.mean(scores))
