@@ -179,7 +179,7 @@ def _prepare_out(cfg: DemoConfig) -> Path:
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Runs everything; returns {'metrics': {...} or None, 'files': [...]}."""
-    from dreambooth_jax.data.images import InstanceDataset, save_image_grid
+    from dreambooth_jax.data.images import InstanceDataset, save_image_grid, to_uint8
     from dreambooth_jax.training.run import run as train_run
 
     t_start = time.perf_counter()
@@ -207,7 +207,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     files = []
     photos = InstanceDataset(tcfg.instance_dir, tcfg.sr_resolution if tcfg.sr_model else tcfg.resolution,
                              flip=False).images
-    photos_u8 = ((photos + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    photos_u8 = to_uint8(photos)
     save_image_grid(photos_u8, out / "subject_photos.png", cols=len(photos_u8))
     grids = {name: _final(pair).reshape(P, n, *_final(pair).shape[1:]) for name, pair in (("before", before), ("after", after))}
     for name, g in grids.items():  # one row per prompt, one column per seed

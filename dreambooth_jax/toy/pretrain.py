@@ -213,10 +213,19 @@ def _train_config(**kw):
     return TrainConfig(**(base | kw))
 
 
-def _ids(tokenizer, captions: list[str]) -> np.ndarray:
-    from dreambooth_jax.models.loading import tokenize
+def _caption_ids(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the captions and of the empty prompt (classifier-free guidance's unconditional)."""
+    from dreambooth_jax.models.loading import default_tokenizer, tokenize
 
-    return tokenize(tokenizer, captions, MAX_TOKENS)
+    tok = default_tokenizer()
+    return tokenize(tok, captions, MAX_TOKENS), tokenize(tok, [""], MAX_TOKENS)[0]
+
+
+def _drop_captions(ids: np.ndarray, empty: np.ndarray, idx: np.ndarray, r: np.random.Generator, p: float):
+    """ids[idx] with a fraction ``p`` replaced by the empty prompt (so the model learns both)."""
+    out = ids[idx].copy()
+    out[r.random(len(idx)) < p] = empty
+    return out
 
 
 def train_base(out_dir: Path, vae, images: np.ndarray, captions: list[str], *, steps: int = 15000,
@@ -226,23 +235,18 @@ def train_base(out_dir: Path, vae, images: np.ndarray, captions: list[str], *, s
     here because no pretrained CLIP exists offline; "sks" never occurs in the captions, so its
     embedding stays the rare, untrained token the paper relies on). EMA weights are returned."""
     from dreambooth_jax.diffusion.schedules import schedule_from_config
-    from dreambooth_jax.models.loading import default_tokenizer
     from dreambooth_jax.training.run import encode_images, train_loop
     from dreambooth_jax.training.step import StepConfig
 
-    tok = default_tokenizer()
-    ids = _ids(tok, captions)
-    empty = _ids(tok, [""])[0]
+    ids, empty = _caption_ids(captions)
     mean, logvar = encode_images(vae, to_float(images), batch=256)
     log(f"base: {len(images)} photos encoded to latents {mean.shape[1:]}")
 
     def batch_fn(step):
         r = np.random.default_rng((seed, 7, step))
         idx = r.integers(len(ids), size=batch)
-        b_ids = ids[idx].copy()
-        b_ids[r.random(batch) < caption_dropout] = empty  # for classifier-free guidance
         return dict(latent_mean=mean[idx], latent_logvar=logvar[idx], is_class=np.zeros(batch, bool),
-                    input_ids=b_ids)
+                    input_ids=_drop_captions(ids, empty, idx, r, caption_dropout))
 
     cfg = _train_config(train_batch_size=batch, learning_rate=lr, max_train_steps=steps, seed=seed)
     step_cfg = StepConfig(prior_loss_weight=0.0, min_snr_gamma=5.0, ema_decay=0.999,
@@ -261,13 +265,10 @@ def train_sr(out_dir: Path, vae, images: np.ndarray, captions: list[str], *, ste
     latents' size), noise augmentation level drawn uniformly in [0, MAX_NOISE_LEVEL] per example.
     ``init``: models to continue from (a second phase on larger crops)."""
     from dreambooth_jax.diffusion.schedules import schedule_from_config
-    from dreambooth_jax.models.loading import default_tokenizer
     from dreambooth_jax.training.run import encode_images, train_loop
     from dreambooth_jax.training.step import StepConfig
 
-    tok = default_tokenizer()
-    ids = _ids(tok, captions)
-    empty = _ids(tok, [""])[0]
+    ids, empty = _caption_ids(captions)
     low = to_float(world.downsample(images, SR_SIZE // 4))
     mean, logvar = encode_images(vae, to_float(images), batch=32)
     log(f"sr: {len(images)} pairs, latents {mean.shape[1:]}, low-res {low.shape[1:]}")
@@ -278,10 +279,8 @@ def train_sr(out_dir: Path, vae, images: np.ndarray, captions: list[str], *, ste
         idx = r.integers(len(ids), size=batch)
         ys, xs = r.integers(0, h - crop + 1, size=(2, batch))
         cut = lambda a: np.stack([a[i, y:y + crop, x:x + crop] for i, y, x in zip(idx, ys, xs)])  # noqa: E731
-        b_ids = ids[idx].copy()
-        b_ids[r.random(batch) < caption_dropout] = empty
         return dict(latent_mean=cut(mean), latent_logvar=cut(logvar), low_res=cut(low),
-                    is_class=np.zeros(batch, bool), input_ids=b_ids)
+                    is_class=np.zeros(batch, bool), input_ids=_drop_captions(ids, empty, idx, r, caption_dropout))
 
     cfg = _train_config(train_batch_size=batch, learning_rate=lr, max_train_steps=steps, seed=seed)
     step_cfg = StepConfig(prior_loss_weight=0.0, ema_decay=0.999, sr_noise_level=MAX_NOISE_LEVEL,
