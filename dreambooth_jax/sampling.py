@@ -54,7 +54,7 @@ def run(cfg: SampleConfig, progress=print) -> dict:
     from dreambooth_jax.data.images import save_image_grid
     from dreambooth_jax.diffusion.pipeline import BaseSampler, UpscaleSampler
     from dreambooth_jax.models import ModelOptions, load_pretrained
-    from dreambooth_jax.training.sharding import make_mesh
+    from dreambooth_jax.sharding import make_mesh
 
     if cfg.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {cfg.num_images}")

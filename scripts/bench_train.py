@@ -52,7 +52,7 @@ def bench_ours(folder, size, repeats, dtype="float32"):
     from dreambooth_jax.diffusion.schedules import schedule_from_config
     from dreambooth_jax.models import ModelOptions, load_pretrained
     from dreambooth_jax.training.run import encode_images, encode_prompts
-    from dreambooth_jax.training.sharding import make_mesh, param_shardings
+    from dreambooth_jax.sharding import make_mesh, param_shardings
     from dreambooth_jax.training.state import init_state, make_optimizer
     from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_step
 

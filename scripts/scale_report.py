@@ -41,7 +41,7 @@ def main(fsdp, remat, dtype, resolution):
 
     from dreambooth_jax.diffusion.schedules import schedule_from_config
     from dreambooth_jax.models import ModelOptions, UNet2DConditionModel, UNetConfig
-    from dreambooth_jax.training.sharding import make_mesh
+    from dreambooth_jax.sharding import make_mesh
     from dreambooth_jax.training.state import init_state, make_optimizer
     from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_step
 

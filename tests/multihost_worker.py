@@ -24,7 +24,7 @@ from flax import nnx  # noqa: E402
 
 from dreambooth_jax.diffusion.schedules import schedule_from_config  # noqa: E402
 from dreambooth_jax.models import load_pretrained  # noqa: E402
-from dreambooth_jax.training.sharding import global_batch, make_mesh, param_shardings  # noqa: E402
+from dreambooth_jax.sharding import global_batch, make_mesh, param_shardings  # noqa: E402
 from dreambooth_jax.training.state import init_state, make_optimizer  # noqa: E402
 from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_step  # noqa: E402
 

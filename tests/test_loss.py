@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreambooth_jax.training.loss import min_snr_weights, per_example_mse, prior_preservation_loss
-from dreambooth_jax.training.sharding import batch_sharding, make_mesh
+from dreambooth_jax.sharding import batch_sharding, make_mesh
 
 
 def test_hand_computed_values_lambda_not_one():

@@ -11,7 +11,7 @@ from dreambooth_jax.diffusion.pipeline import BaseSampler, UpscaleSampler
 from dreambooth_jax.errors import ConfigError
 from dreambooth_jax.models import load_pretrained
 from dreambooth_jax.testing.reference import max_rel_err
-from dreambooth_jax.training.sharding import make_mesh
+from dreambooth_jax.sharding import make_mesh
 
 PROMPTS = ["a photo of sks dog", "a red cup on the beach"]
 # Whole pipelines: per-step UNet error is ~1e-6 relative; 10 steps at guidance 7.5 amplify float32

@@ -17,7 +17,7 @@ from dreambooth_jax.diffusion.schedules import schedule_from_config
 from dreambooth_jax.models import load_pretrained
 from dreambooth_jax.training.config import TrainConfig
 from dreambooth_jax.training.run import StageData, train_stage
-from dreambooth_jax.training.sharding import make_mesh, param_shardings, param_spec
+from dreambooth_jax.sharding import make_mesh, param_shardings, param_spec
 from dreambooth_jax.training.state import init_state, make_optimizer
 from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_step
 

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from dreambooth_jax.diffusion import samplers, schedules
 from dreambooth_jax.errors import ConfigError
 from dreambooth_jax.models.loading import Pipeline, tokenize
-from dreambooth_jax.training.sharding import batch_sharding, replicated
+from dreambooth_jax.sharding import batch_sharding, replicated
 
 
 def to_uint8(images: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ from flax import nnx
 from dreambooth_jax.errors import DreamboothError
 from dreambooth_jax.training.checkpoint import Checkpointer, StopSignal, abstract_like
 from dreambooth_jax.training.config import TrainConfig
-from dreambooth_jax.training.sharding import global_batch, make_mesh, param_shardings
+from dreambooth_jax.sharding import global_batch, make_mesh, param_shardings
 from dreambooth_jax.training.state import TrainState, init_state, make_optimizer
 from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_step
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from dreambooth_jax.diffusion import schedules
 from dreambooth_jax.training.loss import min_snr_weights, prior_preservation_loss
-from dreambooth_jax.training.sharding import batch_sharding, param_shardings, replicated
+from dreambooth_jax.sharding import batch_sharding, param_shardings, replicated
 from dreambooth_jax.training.state import TrainState
 
 

@@ -1,4 +1,5 @@
-"""Device mesh and sharding rules: one place that decides where every array lives.
+"""Device mesh and sharding rules: one place that decides where every array lives (used by the
+train step and the samplers alike, so sampling never depends on the trainer).
 
 Mesh axes: ``data`` (pure data parallelism, parameters replicated) and ``fsdp`` (data parallel
 too, but parameters and optimizer state are split along it). The batch axis is split over both.
