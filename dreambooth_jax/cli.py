@@ -42,31 +42,67 @@ def info(model, allow_pickle):
                    f"max_noise_level {pipe.max_noise_level}, VAE x{pipe.vae.config.downscale}")
 
 
+class SchedulerChoice(click.Choice):
+    """click.Choice over :func:`dreambooth_jax.sampling.scheduler_names`, read when first needed:
+    the names come from the samplers module, which imports JAX, and ``dreambooth-jax --help``
+    should not wait for that."""
+
+    def __init__(self) -> None:  # no super().__init__: it would assign the `choices` property
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from dreambooth_jax.sampling import scheduler_names
+
+        return scheduler_names()
+
+
+_SR_ONLY = ("sr_steps", "sr_guidance", "sr_noise_level")
+
+
 @main.command()
 @click.option("--model", required=True, help="Base model: diffusers folder or hub id.")
 @click.option("--sr-model", default="", help="Optional x4-upscaler folder or hub id (SR stage).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (repeatable).")
 @click.option("--negative-prompt", default="", help="Negative prompt for classifier-free guidance.")
-@click.option("--num-images", default=1, show_default=True, help="Images per prompt.")
-@click.option("--steps", default=50, show_default=True)
-@click.option("--sr-steps", default=50, show_default=True)
-@click.option("--scheduler", default="ddim", show_default=True,
-              help="ddim | ddpm | dpmpp_2m | dpmpp_2m_karras | euler | euler_a")
-@click.option("--guidance", default=7.5, show_default=True)
-@click.option("--sr-guidance", default=9.0, show_default=True)
-@click.option("--sr-noise-level", default=20, show_default=True, help="Upscaler noise augmentation (0-350).")
-@click.option("--eta", default=0.0, show_default=True, help="DDIM eta (0: deterministic).")
+@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--sr-steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="SR-stage steps (only with --sr-model).")
+@click.option("--scheduler", type=SchedulerChoice(), default="ddim", show_default=True,
+              help="Sampler; *_karras: with Karras sigmas.")
+@click.option("--guidance", type=click.FloatRange(min=0), default=7.5, show_default=True,
+              help="Classifier-free guidance scale (0: ignore the prompt, 1: no guidance, 5-10 usual).")
+@click.option("--sr-guidance", type=click.FloatRange(min=0), default=9.0, show_default=True,
+              help="SR-stage guidance scale (only with --sr-model).")
+@click.option("--sr-noise-level", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Upscaler noise augmentation, 0 to the upscaler's max_noise_level (350 for SD x4; "
+                   "only with --sr-model).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="DDIM eta, 0 (deterministic) to 1 (DDPM-like noise); --scheduler ddim only.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--height", default=512, show_default=True)
-@click.option("--width", default=512, show_default=True)
+@click.option("--height", type=click.IntRange(min=1), default=512, show_default=True,
+              help="A multiple of the model's VAE factor x UNet downsampling (64 for SD).")
+@click.option("--width", type=click.IntRange(min=1), default=512, show_default=True, help="As --height.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (trusted files only).")
 @click.option("--out", required=True, help="Output folder (must be new or empty).")
 @user_errors
 def sample(**kwargs):
-    """Generate images: base stage, then the x4 SR stage if --sr-model is given."""
+    """Generate images: base stage, then the x4 SR stage if --sr-model is given.
+
+    Every option is checked before a model is loaded."""
+    from click.core import ParameterSource
+
     from dreambooth_jax.sampling import SampleConfig, run
 
+    ctx = click.get_current_context()
+    if not kwargs["sr_model"]:
+        for name in _SR_ONLY:
+            if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+                option = "--" + name.replace("_", "-")
+                raise click.UsageError(f"{option} is only used by the x4 upscaling stage; add --sr-model or "
+                                       f"drop {option}")
     kwargs["prompts"] = list(kwargs["prompts"])
     run(SampleConfig(**kwargs), progress=lambda m: click.echo(m, err=True))
 
@@ -74,17 +110,31 @@ def sample(**kwargs):
 @main.command("class-images")
 @click.option("--model", required=True, help="The frozen model: diffusers folder or hub id.")
 @click.option("--class-prompt", required=True, help='e.g. "a photo of dog"')
-@click.option("--num", default=200, show_default=True, help="Number of class images.")
+@click.option("--num", type=click.IntRange(min=1), default=200, show_default=True, help="Number of class images.")
 @click.option("--out", required=True, help="Folder; an earlier one with a matching manifest is topped up.")
-@click.option("--sampler", default="ddpm", show_default=True, help="ddpm (ancestral, as the paper) | ddim | dpmpp_2m | euler | euler_a")
-@click.option("--steps", default=50, show_default=True)
-@click.option("--guidance", default=7.5, show_default=True)
-@click.option("--size", default=512, show_default=True, help="Image size in pixels.")
+@click.option("--sampler", type=SchedulerChoice(), default="ddpm", show_default=True,
+              help="ddpm: ancestral, as the paper; *_karras: with Karras sigmas.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--guidance", type=click.FloatRange(min=0), default=7.5, show_default=True,
+              help="Classifier-free guidance scale (0: ignore the prompt, 1: no guidance).")
+@click.option("--size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Image size in pixels (a multiple of the model's VAE factor x UNet downsampling).")
 @click.option("--seed", default=0, show_default=True)
 @user_errors
 def class_images(model, class_prompt, num, out, sampler, steps, guidance, size, seed):
-    """Sample the prior-preservation class images with the frozen model (resumable, with a manifest)."""
+    """Sample the prior-preservation class images with the frozen model (resumable, with a manifest).
+
+    The options and the --out folder are checked before the model is loaded."""
     from pathlib import Path
+
+    from dreambooth_jax.class_images import check_class_image_folder
+    from dreambooth_jax.sampling import check_guidance, guidance_note
+
+    check_guidance(guidance, "--guidance")  # nan/inf: FloatRange lets them through
+    check_class_image_folder(Path(out), "--out")
+    note = guidance_note(guidance, "--guidance")
+    if note:
+        click.echo(note, err=True)
 
     from dreambooth_jax.models import load_pretrained
     from dreambooth_jax.training.config import TrainConfig

@@ -30,7 +30,8 @@ import numpy as np
 @click.option("--seed", default=0, show_default=True)
 def main(work, out, n_images, n_sr, vae_steps, base_steps, sr_steps, sr2_steps, seed):
     from dreambooth_jax.models import ModelOptions
-    from dreambooth_jax.models.loading import load_vae, save_component
+    from dreambooth_jax.models.export import save_component
+    from dreambooth_jax.models.loading import load_vae
     from dreambooth_jax.toy import pretrain as P
     from dreambooth_jax.toy import world
 

@@ -41,3 +41,13 @@ def torch_pipelines(pipeline_dirs):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for the session: the many runs of the same tiny models
+    (each run builds new jitted functions) compile each program once."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield

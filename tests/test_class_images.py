@@ -81,3 +81,108 @@ def test_class_images_command(tmp_path):
     assert (out / "00000.png").read_bytes() == first and (out / "00004.png").exists()
     r = CliRunner().invoke(main, args[:-2] + ["--size", "64", "--num", "5"])  # another setting: refused
     assert r.exit_code != 0 and "made with other settings (height: 32 -> 64" in r.output, r.output
+
+
+# ------------------------------------------------------------------ bad input, checked up front
+
+
+def test_folder_that_is_a_file_or_cannot_be_created(tmp_path):
+    f = tmp_path / "classes.png"
+    f.write_bytes(b"user data")
+    spec = ClassImageSpec(prompt="x", num=2, height=8, width=8)
+    with pytest.raises(ClassImagesError, match="classes.png is a file"):
+        ensure_class_images(f, spec, "fp", _sampler([]))
+    with pytest.raises(ClassImagesError, match="cannot create .*classes.png is a file"):
+        ensure_class_images(f / "sub", spec, "fp", _sampler([]))
+    assert f.read_bytes() == b"user data"
+
+
+def test_unreadable_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ClassImagesError, match="cannot read .*manifest.json"):
+        ensure_class_images(tmp_path, ClassImageSpec(prompt="x", num=2, height=8, width=8), "fp", _sampler([]))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num": 0}, "num must be >= 1"),
+    ({"steps": 0}, "steps must be >= 1"),
+    ({"height": 0}, "height must be >= 1"),
+    ({"guidance": -1.0}, "guidance must be >= 0"),
+    ({"guidance": float("nan")}, "guidance must be a finite number"),
+    ({"sampler": "plms"}, "unknown scheduler 'plms'; choose one of ddpm, ddim"),
+])
+def test_bad_spec_rejected_before_anything_is_written(tmp_path, change, message):
+    spec = ClassImageSpec(**{**ClassImageSpec(prompt="x", num=2, height=8, width=8).__dict__, **change})
+    with pytest.raises(ClassImagesError, match=message):
+        ensure_class_images(tmp_path / "cls", spec, "fp", _sampler([]))
+    assert not (tmp_path / "cls").exists()
+
+
+def test_manifest_of_a_run_that_drew_nothing_is_replaced(tmp_path):
+    """A first run that failed before its first image (e.g. a size the model refuses) leaves a
+    manifest and no image; a corrected rerun must not be refused for 'other settings'."""
+    def refuse(prompts, seeds):
+        raise ClassImagesError("size refused by the model")
+
+    with pytest.raises(ClassImagesError, match="refused"):
+        ensure_class_images(tmp_path, ClassImageSpec(prompt="x", num=2, height=30, width=30), "fp", refuse)
+    calls = []
+    ensure_class_images(tmp_path, ClassImageSpec(prompt="x", num=2, height=8, width=8), "fp", _sampler(calls))
+    assert calls == [[0, 1]] and json.loads((tmp_path / "manifest.json").read_text())["height"] == 8
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"load_pretrained{args} called before the options were checked")
+
+    monkeypatch.setattr("dreambooth_jax.models.load_pretrained", fail)
+
+
+def _one_line_error(r) -> str:
+    assert r.exit_code in (1, 2), (r.exit_code, r.output)
+    assert isinstance(r.exception, SystemExit), f"uncaught {r.exception!r}\n{r.output}"
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in r.output, r.output
+    return errors[0]
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (["--num", "0"], ["--num", "0"]),
+    (["--steps", "0"], ["--steps", "0"]),
+    (["--size", "0"], ["--size", "0"]),
+    (["--size", "-64"], ["--size", "-64"]),
+    (["--sampler", "plms"], ["--sampler", "plms", "ddpm", "euler_a"]),
+    (["--guidance", "-1"], ["--guidance", "-1"]),
+    (["--guidance", "inf"], ["--guidance", "inf"]),
+])
+def test_class_images_command_bad_options(tmp_path, no_model_load, extra, fragments):
+    from click.testing import CliRunner
+
+    from dreambooth_jax.cli import main
+
+    args = ["class-images", "--model", str(tmp_path / "model"), "--class-prompt", "a dog", "--out",
+            str(tmp_path / "cls"), *extra]
+    msg = _one_line_error(CliRunner().invoke(main, args))
+    assert all(s in msg for s in fragments), msg
+    assert not (tmp_path / "cls").exists()
+
+
+def test_class_images_command_bad_out(tmp_path, no_model_load):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from dreambooth_jax.cli import main
+
+    f = tmp_path / "cls.txt"
+    f.write_text("keep")
+    base = ["class-images", "--model", str(tmp_path / "model"), "--class-prompt", "a dog", "--out"]
+    msg = _one_line_error(CliRunner().invoke(main, base + [str(f)]))
+    assert "--out" in msg and "cls.txt is a file" in msg and f.read_text() == "keep"
+    msg = _one_line_error(CliRunner().invoke(main, base + [str(f / "sub")]))
+    assert "cannot create --out" in msg
+    photos = tmp_path / "photos"  # the user's own images: refused before the model is loaded
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "00000.png")
+    msg = _one_line_error(CliRunner().invoke(main, base + [str(photos)]))
+    assert "no manifest.json" in msg

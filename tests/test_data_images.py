@@ -93,7 +93,10 @@ def test_list_images_filters_and_sorts(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "0.jpg").write_bytes(b"x")  # not searched
     (tmp_path / "dir.jpg").mkdir()  # a folder with an image suffix is not an image
-    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.JPEG", "d.webp"]
+    from dreambooth_jax.data.images import SkippedFilesWarning
+
+    with pytest.warns(SkippedFilesWarning, match="dir.jpg/, sub/ .*model.bin, notes.txt"):
+        assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.JPEG", "d.webp"]
 
 
 def test_list_images_errors_name_the_folder(tmp_path):
@@ -418,3 +421,100 @@ def test_real_photo_loads_at_64(tmp_path):
     assert -1.0 <= x.min() < x.max() <= 1.0 and x.std() > 0.05  # a picture, not a flat fill
     ds = InstanceDataset(photos[0].parent, 64, flip=True)
     assert len(ds) == 2 * len(photos) and np.isfinite(ds.images).all()
+
+
+# ------------------------------------------------------------ skipped files, limits, names
+
+
+def _one_warning(record, category) -> str:
+    msgs = [str(w.message) for w in record if issubclass(w.category, category)]
+    assert len(msgs) == 1, msgs
+    assert "\n" not in msgs[0]
+    return msgs[0]
+
+
+def test_list_images_reports_skipped_files_in_one_warning(tmp_path):
+    from dreambooth_jax.data.images import SkippedFilesWarning
+
+    for name in ["a.jpg", "b.png", "anim.gif", "IMG_1.HEIC", "notes.md", "README"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a.txt").write_text("a caption")  # caption sidecar of a.jpg: used, not reported
+    for name in [".DS_Store", "._a.jpg", "Thumbs.db"]:  # OS metadata: not reported
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "more").mkdir()
+    with pytest.warns(SkippedFilesWarning) as rec:
+        assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]
+    msg = _one_warning(rec, SkippedFilesWarning)
+    assert msg.startswith(f"skipped 6 file(s) in {tmp_path}: "), msg
+    assert "anim.gif (GIF" in msg and "IMG_1.HEIC (HEIC" in msg and "convert it to JPEG" in msg
+    assert "broken.jpg (dangling symlink)" in msg and "more/ (sub-folder, not searched)" in msg
+    assert "notes.md" in msg and "README" in msg and "accepted: .jpg" in msg
+    for quiet in (".DS_Store", "._a.jpg", "Thumbs.db", "a.txt"):
+        assert quiet not in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list_images(tmp_path, warn=False)) == 2
+
+
+def test_list_images_without_skipped_files_is_silent_and_long_lists_are_cut(tmp_path):
+    from dreambooth_jax.data.images import SkippedFilesWarning
+
+    Image.fromarray(quadrants(32)).save(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list_images(tmp_path)
+    for i in range(12):
+        (tmp_path / f"clip{i:02d}.gif").write_bytes(b"x")
+    with pytest.warns(SkippedFilesWarning) as rec:
+        list_images(tmp_path)
+    msg = _one_warning(rec, SkippedFilesWarning)
+    assert "skipped 12 file(s)" in msg and "clip04.gif and 7 more (GIF" in msg and "clip05" not in msg
+
+
+def test_instance_dataset_warns_once_about_skipped_files(tmp_path):
+    from dreambooth_jax.data.images import SkippedFilesWarning
+
+    folder = make_folder(tmp_path, 3)
+    (folder / "x.heic").write_bytes(b"x")
+    with pytest.warns(SkippedFilesWarning) as rec:
+        ds = InstanceDataset(folder, 32)
+    assert len(ds) == 3
+    assert "x.heic (HEIC" in _one_warning(rec, SkippedFilesWarning)
+
+
+def test_folder_of_only_unsupported_files_says_what_was_skipped(tmp_path):
+    (tmp_path / "b.heic").write_bytes(b"x")
+    (tmp_path / "c.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(DataError) as e:
+        list_images(tmp_path)
+    msg = str(e.value)
+    assert "no images in" in msg and "b.heic (HEIC" in msg and "c.jpg (dangling symlink)" in msg
+
+
+def test_decompression_bomb_limit_is_reported_as_too_large(tmp_path, monkeypatch):
+    path = save_png(tmp_path, "huge.png", Image.fromarray(quadrants(64)))  # 4096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses > 2 x 1000 pixels
+    with pytest.raises(DataError) as e:
+        load_image(path, 32)
+    msg = str(e.value)
+    assert "huge.png" in msg and "4,096 pixels" in msg and "limit of 2,000 pixels" in msg
+    assert "resize it" in msg and "corrupt" not in msg and "\n" not in msg
+
+
+def test_webp_non_ascii_names_and_very_long_sides_still_load(tmp_path):
+    folder = tmp_path / "фото café"
+    folder.mkdir()
+    Image.fromarray(quadrants(64)).save(folder / "hund_ß.webp", lossless=True)
+    Image.fromarray(quadrants(64)).save(folder / "日本.PNG")
+    wide = np.zeros((40, 12000, 3), np.uint8)  # 12000 px long side: resized, centre-cropped
+    wide[:, 5980:6020] = RED
+    Image.fromarray(wide).save(folder / "pano.jpg", quality=95)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing to say
+        paths = list_images(folder)
+    assert sorted(p.name for p in paths) == sorted(["hund_ß.webp", "日本.PNG", "pano.jpg"])
+    webp = load_image_uint8(folder / "hund_ß.webp", 64)
+    np.testing.assert_array_equal(webp, quadrants(64))
+    pano = load_image_uint8(folder / "pano.jpg", 40)
+    assert pano.shape == (40, 40, 3) and close(tuple(int(v) for v in pano[20, 20]), RED, 40)

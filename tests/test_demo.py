@@ -23,10 +23,10 @@ def test_shipped_prior_loads_in_diffusers_and_ours():
     base, sr = load_pretrained(TOY_PRIOR), load_pretrained(TOY_SR)
     assert not base.is_upscaler and sr.is_upscaler and sr.max_noise_level == 350
     assert base.tokenizer.model_max_length == base.text_encoder.config.max_position_embeddings == 16
-    p = StableDiffusionPipeline.from_pretrained(str(TOY_PRIOR), torch_dtype=torch.float32)
+    p = StableDiffusionPipeline.from_pretrained(str(TOY_PRIOR))  # default dtype: must run
     img = p("a photo of a red ball", height=32, width=32, num_inference_steps=2, output_type="np").images
     assert img.shape == (1, 32, 32, 3)
-    up = StableDiffusionUpscalePipeline.from_pretrained(str(TOY_SR), torch_dtype=torch.float32)
+    up = StableDiffusionUpscalePipeline.from_pretrained(str(TOY_SR))
     hi = up(prompt="a photo of a red ball", image=torch.rand(1, 3, 32, 32) * 2 - 1, num_inference_steps=2,
             output_type="np").images
     assert hi.shape == (1, 128, 128, 3)

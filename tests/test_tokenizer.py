@@ -12,7 +12,8 @@ def test_shipped_tokenizer_ids():
     tok = default_tokenizer()
     assert tok("a photo of sks dog").input_ids == [49406, 320, 1125, 539, 48136, 1929, 49407]
     assert tok.model_max_length == 77 and len(tok) == 49408
-    ids = tokenize(tok, ["a photo of sks dog", "x " * 200])
+    with pytest.warns(UserWarning, match="limit of 77"):
+        ids = tokenize(tok, ["a photo of sks dog", "x " * 200])
     assert ids.shape == (2, 77) and ids.dtype.name == "int32"
     assert ids[0, 7:].tolist() == [49407] * 70  # padded with <|endoftext|> like SD 1.x
     assert ids[1, -1] == 49407  # truncated long prompts still end with EOS

@@ -78,7 +78,7 @@ def test_bad_inputs(pipeline_dirs, tmp_path):
     assert r.exit_code == 1 and "no images in" in r.output
     r = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "nope.yaml")])
     assert r.exit_code == 1 and "does not exist" in r.output
-    r = CliRunner().invoke(main, base + [f"instance_dir={SUBJECT}", "resolution=36"])
+    r = CliRunner().invoke(main, base + [f"instance_dir={SUBJECT}", "resolution=36", "train_batch_size=4"])
     assert r.exit_code == 1 and "'resolution' (36) must be a multiple of 16" in r.output
 
 

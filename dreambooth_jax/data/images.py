@@ -3,7 +3,9 @@ subject) and class (prior-preservation) images.
 
 Every image goes through one path (:func:`load_image_uint8`): EXIF orientation, colour-mode
 conversion to sRGB RGB, short-side resize with a high-quality filter, square crop. Errors the user
-can fix (missing folder, corrupt or tiny file) raise :class:`DataError` naming the file.
+can fix (missing folder, corrupt, tiny or too large file) raise :class:`DataError` naming the file.
+Folder entries that are not used (GIF/HEIC/... files, dangling symlinks, sub-folders) are named in
+one :class:`SkippedFilesWarning` per folder, so no photo is dropped without a word.
 """
 
 from __future__ import annotations
@@ -42,30 +44,143 @@ class FewImagesWarning(UserWarning):
     """Fewer instance images than DreamBooth usually needs (3-5 views of the subject)."""
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """The image files directly in ``folder`` (not in sub-folders), sorted by file name.
+class SkippedFilesWarning(UserWarning):
+    """Entries of an image folder that are not used (unsupported type, dangling symlink, ...)."""
 
-    Picks files whose suffix is one of :data:`EXTENSIONS`, case-insensitively. Hidden files
-    (name starting with ".") are ignored: macOS leaves "._photo.jpg" resource-fork files next to
-    copied photos, which are not images.
+
+#: Why a file with this suffix is skipped: formats people put in photo folders that we do not read.
+_UNSUPPORTED: dict[str, str] = {
+    ".gif": "GIF (often animated) is not supported: convert it to PNG or JPEG",
+    ".heic": "HEIC is not supported: convert it to JPEG or PNG",
+    ".heif": "HEIF is not supported: convert it to JPEG or PNG",
+    ".hif": "HEIF is not supported: convert it to JPEG or PNG",
+    ".avif": "AVIF is not supported: convert it to JPEG or PNG",
+    ".jxl": "JPEG XL is not supported: convert it to JPEG or PNG",
+    ".tif": "TIFF is not supported: convert it to PNG or JPEG",
+    ".tiff": "TIFF is not supported: convert it to PNG or JPEG",
+    ".bmp": "BMP is not supported: convert it to PNG",
+    ".jfif": "rename .jfif to .jpg",
+    ".jpe": "rename .jpe to .jpg",
+    ".svg": "vector images are not supported: export a PNG",
+    ".psd": "Photoshop files are not supported: export a PNG or JPEG",
+    **{raw: "camera RAW is not supported: export a JPEG or PNG"
+       for raw in (".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw")},
+    **{video: "videos are not supported: extract frames as JPEG or PNG"
+       for video in (".mov", ".mp4", ".m4v", ".avi", ".webm")},
+}
+#: Names skipped without a word: operating-system metadata, never the user's images.
+_OS_METADATA = frozenset({"thumbs.db", "desktop.ini"})
+#: At most this many names per reason in the skipped-files message; the rest are counted.
+_MAX_NAMES = 5
+
+
+def scan_images(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files directly in ``folder`` (as :func:`list_images`) and the skipped entries.
+
+    Returns ``(images, skipped)``: ``skipped`` holds ``(path, reason)`` for every other entry
+    except hidden ones (name starting with "."; macOS "._photo.jpg" resource forks, .DS_Store),
+    Thumbs.db / desktop.ini, and caption files next to an image ("dog01.txt" for "dog01.jpg",
+    read by :func:`dreambooth_jax.data.tfds_source.build_image_dataset`): files of other types,
+    dangling symlinks, sub-folders (not searched) and special files.
 
     Raises:
-        DataError: ``folder`` does not exist, is not a folder, or holds no such image.
+        DataError: ``folder`` does not exist, is not a folder, or holds no image (the message
+            names what was skipped).
     """
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"image folder {folder} does not exist")
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder (expected a folder of images)")
-    paths = sorted(
-        (p for p in folder.iterdir()
-         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS),
-        key=lambda p: p.name,
-    )
-    if not paths:
-        raise DataError(f"no images in {folder} (accepted file types: {', '.join(EXTENSIONS)}, "
-                        "any letter case; sub-folders are not searched)")
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as e:
+        raise DataError(f"cannot list image folder {folder}: {e}") from None
+    images: list[Path] = []
+    others: list[Path] = []
+    for p in entries:
+        if p.name.startswith(".") or p.name.lower() in _OS_METADATA:
+            continue
+        if p.suffix.lower() in EXTENSIONS and p.is_file():
+            images.append(p)
+        else:
+            others.append(p)
+    stems = {p.stem for p in images}
+    skipped = [(p, _skip_reason(p)) for p in others
+               if not (p.suffix.lower() == ".txt" and p.stem in stems and p.is_file())]
+    if not images:
+        msg = (f"no images in {folder} (accepted file types: {', '.join(EXTENSIONS)}, any letter case; "
+               "sub-folders are not searched)")
+        if skipped:
+            msg += f"; {skipped_files_message(folder, skipped)}"
+        raise DataError(msg)
+    return images, skipped
+
+
+def _skip_reason(p: Path) -> str:
+    if p.is_symlink() and not p.exists():
+        return "dangling symlink"
+    if p.is_dir():
+        return "sub-folder, not searched"
+    if not p.is_file():
+        return "not a regular file"
+    suffix = p.suffix.lower()
+    if suffix in _UNSUPPORTED:
+        return _UNSUPPORTED[suffix]
+    accepted = ", ".join(EXTENSIONS)
+    return f"not an image type we read; accepted: {accepted}" if suffix else f"no file extension; accepted: {accepted}"
+
+
+def _shown(p: Path) -> str:
+    """``p``'s name as printable text (undecodable bytes in a name become U+FFFD)."""
+    name = p.name + ("/" if p.is_dir() else "")
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def skipped_files_message(folder: str | Path, skipped: list[tuple[Path, str]]) -> str:
+    """One line naming the skipped entries grouped by reason, e.g. ``skipped 2 file(s) in photos:
+    a.gif (GIF ...); b.heic (HEIC ...)``; at most a few names per reason, the rest counted."""
+    by_reason: dict[str, list[Path]] = {}
+    for p, reason in skipped:
+        by_reason.setdefault(reason, []).append(p)
+    parts = []
+    for reason, paths in by_reason.items():
+        names = ", ".join(_shown(p) for p in paths[:_MAX_NAMES])
+        more = f" and {len(paths) - _MAX_NAMES} more" if len(paths) > _MAX_NAMES else ""
+        parts.append(f"{names}{more} ({reason})")
+    return f"skipped {len(skipped)} file(s) in {folder}: {'; '.join(parts)}"
+
+
+def list_images(folder: str | Path, *, warn: bool = True) -> list[Path]:
+    """The image files directly in ``folder`` (not in sub-folders), sorted by file name.
+
+    Picks files whose suffix is one of :data:`EXTENSIONS`, case-insensitively. Hidden files
+    (name starting with ".") are ignored: macOS leaves "._photo.jpg" resource-fork files next to
+    copied photos, which are not images. Other entries that are not used (GIF/HEIC/... files,
+    dangling symlinks, sub-folders; see :func:`scan_images`) are named in one
+    :class:`SkippedFilesWarning` unless ``warn`` is False.
+
+    Raises:
+        DataError: ``folder`` does not exist, is not a folder, or holds no such image.
+    """
+    paths, skipped = scan_images(folder)
+    if warn and skipped:
+        warnings.warn(skipped_files_message(folder, skipped), SkippedFilesWarning, stacklevel=2)
     return paths
+
+
+def _too_many_pixels(path: Path, error: Exception, size: int) -> str:
+    """The message for Pillow's DecompressionBombError: the image is larger than its pixel limit."""
+    import re
+
+    from PIL import Image
+
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "more pixels than allowed"
+    limit = f"{2 * Image.MAX_IMAGE_PIXELS:,}" if Image.MAX_IMAGE_PIXELS else "its limit"
+    return (f"image {path} is too large to open: {pixels}, over Pillow's limit of {limit} pixels (twice "
+            "PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); resize it (e.g. to 4096 px on the "
+            f"long side; training uses {size} px) and try again")
 
 
 def default_min_side(size: int) -> int:
@@ -116,7 +231,9 @@ def load_image_uint8(
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {path}: not an image file, or a format Pillow cannot "
                         "decode") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(_too_many_pixels(path, e, size)) from None
+    except (OSError, ValueError, SyntaxError) as e:
         # OSError: truncated/corrupt data; SyntaxError: Pillow's plugins use it for broken headers.
         raise DataError(f"cannot read image {path}: {e} (is the file corrupt or truncated?)") from None
     w, h = im.size
@@ -299,14 +416,17 @@ class InstanceDataset:
     ) -> None:
         """Load every image of ``folder`` (see :func:`load_image`).
 
-        Warns (:class:`FewImagesWarning`) when the folder holds fewer than ``min_images``.
+        Warns (:class:`FewImagesWarning`) when the folder holds fewer than ``min_images``, and
+        (:class:`SkippedFilesWarning`, one warning) names the entries that are not used.
 
         Raises:
             DataError: as :func:`list_images` and :func:`load_image`; all files are checked.
         """
         self.folder = Path(folder)
         self.size = size
-        self.paths: list[Path] = list_images(self.folder)
+        self.paths, skipped = scan_images(self.folder)
+        if skipped:
+            warnings.warn(skipped_files_message(self.folder, skipped), SkippedFilesWarning, stacklevel=2)
         if len(self.paths) < min_images:
             warnings.warn(f"only {len(self.paths)} instance image(s) in {self.folder}; DreamBooth works "
                           f"best with {min_images}-5 photos of the subject from different views",
@@ -362,6 +482,7 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> np.n
 
 __all__ = (
     "EXTENSIONS", "MIN_INSTANCE_IMAGES", "MIN_SIDE_FRACTION", "CropMode", "DataError", "FewImagesWarning",
-    "InstanceDataset", "batch_indices", "default_min_side", "from_uint8", "list_images", "load_image",
-    "load_image_uint8", "save_image_grid", "to_rgb", "to_uint8",
+    "InstanceDataset", "SkippedFilesWarning", "batch_indices", "default_min_side", "from_uint8", "list_images",
+    "load_image", "load_image_uint8", "save_image_grid", "scan_images", "skipped_files_message", "to_rgb",
+    "to_uint8",
 )

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from dreambooth_jax.diffusion import samplers, schedules
 from dreambooth_jax.errors import ConfigError
+from dreambooth_jax.models.layers import with_remat
 from dreambooth_jax.models.loading import Pipeline, tokenize
 from dreambooth_jax.sharding import batch_sharding, replicated
 
@@ -49,8 +50,8 @@ class _Stage:
             sampler, sampler_options = sampler.removesuffix("_karras"), dict(sampler_options, use_karras_sigmas=True)
         self.sampler = samplers.make_sampler(sampler, self.schedule, steps, **sampler_options)
         self.graphdefs, params = {}, {}
-        for name in ("unet", "vae", "text_encoder"):
-            self.graphdefs[name], params[name] = nnx.split(getattr(pipe, name))
+        for name in ("unet", "vae", "text_encoder"):  # no remat: there is no backward pass here
+            self.graphdefs[name], params[name] = nnx.split(with_remat(getattr(pipe, name), False))
         self.params = jax.device_put(params, replicated(mesh)) if mesh is not None else params
         self._compiled = None
 

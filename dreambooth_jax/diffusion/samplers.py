@@ -38,6 +38,9 @@ SAMPLER_CLASSES: Mapping[str, str] = MappingProxyType({
     "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler"})
 SAMPLERS = tuple(SAMPLER_CLASSES)
+# Every name the pipelines and the CLI accept: a sampler, or "<sampler>_karras" for those whose
+# diffusers scheduler reads use_karras_sigmas (the pipelines set it for the suffix).
+SAMPLER_NAMES = SAMPLERS + ("dpmpp_2m_karras", "euler_karras")
 _STOCHASTIC = frozenset({"ddpm", "ddim", "euler_a"})
 # Settings the sampler name fixes: "dpmpp_2m" is DPM-Solver++ 2M whatever the checkpoint's config says.
 _FIXED: Mapping[str, Mapping[str, Any]] = MappingProxyType({

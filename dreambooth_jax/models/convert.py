@@ -9,80 +9,190 @@ parameter, or a parameter with no tensor, is an error listing the names.
 
 from __future__ import annotations
 
+import errno as _errno
 import json
-import mmap
-import struct
+import os
+import re
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import jax
-import ml_dtypes
+import ml_dtypes  # noqa: F401  registers numpy's "bfloat16" dtype name, which safetensors' numpy reader needs
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from dreambooth_jax.errors import CheckpointError
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-_ST_DTYPES = {
+# safetensors dtype names -> numpy dtypes (for the BF16 fallback below; the library does the rest)
+ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+ST_FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 # ----------------------------------------------------------------------------- safetensors IO
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a .safetensors file into numpy arrays (memory-mapped, bf16 via ml_dtypes, no torch)."""
-    path = Path(path)
+# Reading and writing go through the `safetensors` library (it validates the header, the tensor
+# sizes against the file size and the offsets; a damaged file is refused when it is opened).
+# What we add: (1) one-line CheckpointErrors naming the file and the fault instead of the
+# library's SafetensorError; (2) lazy access: ``safe_open(..., framework="numpy").get_tensor``
+# returns a *copy* of one tensor (not a view of the mapping), so reading every tensor of a
+# checkpoint up front would hold a second copy of the whole model in memory; we read one tensor
+# when it is asked for, so the loader converts and drops them one by one; (3) a fallback for
+# BF16: the library's numpy reader builds the array with ``np.dtype("bfloat16")``, which numpy
+# only knows once ml_dtypes is imported (imported above), and safetensors releases before the
+# numpy bf16 support (issue safetensors#598, 0.5.3) raise ``TypeError: data type 'bfloat16' not
+# understood`` even then. For those we read the raw little-endian bytes of that one tensor
+# from the file at the offsets of its (already library-validated) header and view them as
+# ml_dtypes.bfloat16.
+class SafetensorsFiles(Mapping):
+    """Read-only ``{name: np.ndarray}`` over one or more safetensors files (shards), read lazily.
+
+    Every file is opened (and so validated by the library) at construction; a tensor is read
+    from its file when it is accessed. ``dtypes`` names every tensor's safetensors dtype
+    ('F32', 'F16', 'BF16', ...) and ``shapes`` their shapes, without reading any data.
+    """
+
+    def __init__(self, paths: Iterable[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        self._handles, self._where, self.dtypes, self.shapes, self.metadata = [], {}, {}, {}, {}
+        for path in self.paths:
+            f = _open_safetensors(path)
+            self._handles.append(f)
+            self.metadata.update(f.metadata() or {})
+            for name in f.keys():
+                if name in self._where:
+                    raise CheckpointError(f"tensor '{name}' is in both {self._where[name][0]} and {path}")
+                self._where[name] = (path, f)
+                info = f.get_slice(name)
+                self.dtypes[name], self.shapes[name] = info.get_dtype(), tuple(info.get_shape())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, f = self._where[name]
+        try:
+            return f.get_tensor(name)
+        except TypeError:  # old safetensors: numpy framework cannot build bfloat16 (see above)
+            if self.dtypes[name] != "BF16":
+                raise
+            return _read_raw_tensor(path, name)
+        except safetensors.SafetensorError as e:
+            raise CheckpointError(f"{path}: cannot read tensor '{name}': {e}") from None
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data (what a shard index's ``total_size`` counts)."""
+        return sum(int(np.prod(self.shapes[k], dtype=np.int64)) * np.dtype(ST_DTYPES[d]).itemsize
+                   for k, d in self.dtypes.items() if d in ST_DTYPES)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _open_safetensors(path: Path):
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist" if not path.exists()
+                              else f"weights file {path} is not a file")
+    size = path.stat().st_size
+    bad = f"{path} is not a valid safetensors file"
+    fix = "re-download or re-export it"
+    if size == 0:
+        raise CheckpointError(f"{bad}: it is empty (0 bytes; an interrupted download or copy?); {fix}")
     try:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read weights file {path}: {e}") from e
-    try:
-        (n,) = struct.unpack("<Q", mm[:8])
-        header = json.loads(mm[8:8 + n])
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from e
-    out = {}
-    base = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+        return safetensors.safe_open(str(path), framework="numpy")
+    except safetensors.SafetensorError as e:
+        msg = str(e).removeprefix("Error while deserializing header: ")
+        if "header too small" in msg:
+            why = f"{size} bytes are too few for a safetensors header (truncated?)"
+        elif "not fully covered" in msg or "incomplete" in msg:
+            why = (f"its size ({size} bytes) does not match the tensor sizes in its header: the file is "
+                   "truncated (an interrupted download or copy?) or has extra bytes")
+        else:
+            why = f"corrupt header ({msg})"
+        raise CheckpointError(f"{bad}: {why}; {fix}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights file {path}: {e.strerror or e}") from None
+
+
+def _read_raw_tensor(path: Path, name: str) -> np.ndarray:
+    """One tensor's bytes at its header offsets (the library validated the header and sizes)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))[name]
         start, end = info["data_offsets"]
-        out[name] = np.frombuffer(mm, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize,
-                                  offset=base + start).reshape(info["shape"])
-    return out
+        f.seek(8 + n + start)
+        buf = f.read(end - start)
+    return np.frombuffer(buf, dtype=ST_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """Write numpy arrays as a safetensors file loadable by diffusers/transformers (format 'pt')."""
-    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        if a.dtype not in _ST_NAMES:
-            raise ValueError(f"cannot write tensor {name} of dtype {a.dtype} to safetensors")
-        blob = a.tobytes()
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)  # 8-byte alignment of the data section
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for blob in blobs:
-            f.write(blob)
-    tmp.replace(path)
+def read_safetensors(path: str | Path) -> SafetensorsFiles:
+    """A .safetensors file as a read-only ``{name: np.ndarray}`` mapping (lazy; bf16 via
+    ml_dtypes; no torch). Raises CheckpointError naming the file if it is missing or damaged."""
+    return SafetensorsFiles([path])
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write numpy arrays as a safetensors file loadable by diffusers/transformers (format 'pt').
+
+    Written with ``safetensors.numpy.save_file`` to a temporary file beside ``path``, flushed to
+    disk (fsync) and renamed over ``path``: a crash leaves the old file or the new one, never a
+    partial one. Disk errors are raised as OSError with their errno (ENOSPC, EACCES, EROFS, ...),
+    whatever layer they come from.
+    """
+    path = Path(path)
+    # save_file hands the library each array's data pointer and nbytes: arrays must be
+    # C-contiguous (a strided view would write the wrong bytes).
+    arrays = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        safetensors.numpy.save_file(arrays, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except safetensors.SafetensorError as e:
+        m = _OS_ERROR.search(str(e))
+        if m:  # an I/O error inside the library: keep its errno for the caller
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from None
+        raise ValueError(f"cannot write {path}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory; files must be flushed
+        if not (Path(path).is_dir() and e.errno in (_errno.EINVAL, _errno.ENOTSUP, _errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
+# diffusion_pytorch_model.safetensors, model.fp16.safetensors, model-00001-of-00002.safetensors,
+# model.fp16-00001-of-00002.safetensors, and their .safetensors.index.json
+_WEIGHT_FILE = re.compile(r"^(?P<stem>diffusion_pytorch_model|model)(?:\.(?P<variant>[A-Za-z0-9_]+))?"
+                          r"(?:-\d{5}-of-\d{5})?\.safetensors(?P<index>\.index\.json)?$")
+
+
+def parse_weight_file_name(name: str) -> tuple[str, str | None, bool] | None:
+    """``(stem, variant or None, is_index)`` of a diffusers/transformers weight file name, or None."""
+    m = _WEIGHT_FILE.match(name)
+    return (m["stem"], m["variant"], bool(m["index"])) if m else None
 
 
 def load_component_weights(folder: Path, stem: str, *, allow_pickle: bool = False,
-                           variant: str | None = None) -> dict[str, np.ndarray]:
+                           variant: str | None = None) -> Mapping[str, np.ndarray]:
     """Find and read the weights of one component folder.
 
     stem: 'diffusion_pytorch_model' (diffusers) or 'model' (transformers). Reads a single
@@ -94,11 +204,7 @@ def load_component_weights(folder: Path, stem: str, *, allow_pickle: bool = Fals
     if single.is_file():
         return read_safetensors(single)
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        out = {}
-        for shard in sorted(set(weight_map.values())):
-            out.update(read_safetensors(folder / shard))
-        return out
+        return read_sharded(index)
     pickled = folder / f"{name}.bin"
     if pickled.is_file():
         if not allow_pickle:
@@ -113,6 +219,35 @@ def load_component_weights(folder: Path, stem: str, *, allow_pickle: bool = Fals
         sd = torch.load(pickled, map_location="cpu", weights_only=True)
         return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
     raise CheckpointError(f"no weights in {folder}: expected {single.name} (or a sharded index)")
+
+
+def read_shard_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` ({tensor: shard file}) of a ``*.safetensors.index.json``; checked."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("'weight_map' is not a {tensor: file} mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = "no 'weight_map'" if isinstance(e, KeyError) else e
+        raise CheckpointError(f"sharded weights index {index} is not valid: {why}") from None
+    return weight_map
+
+
+def read_sharded(index: Path) -> SafetensorsFiles:
+    """The shards an index names, as one mapping; checked: every shard exists, and holds the
+    tensors the index maps to it."""
+    weight_map = read_shard_index(index)
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names {len(missing)} shard(s) missing from {index.parent}: "
+                              f"{_names(missing)} (an incomplete download or copy?)")
+    files = SafetensorsFiles([index.parent / s for s in shards])
+    absent = [k for k, s in weight_map.items() if files._where.get(k, (None,))[0] != index.parent / s]
+    if absent:
+        raise CheckpointError(f"{index} maps {len(absent)} tensor(s) to shards that do not hold them: "
+                              f"{_names(absent)}")
+    return files
 
 
 # ----------------------------------------------------------------------------- name/layout maps

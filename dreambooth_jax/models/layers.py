@@ -62,6 +62,19 @@ def maybe_remat(module, remat: bool, *args):
     return module(*args)
 
 
+def with_remat(module: nnx.Module, remat: bool) -> nnx.Module:
+    """A view of ``module`` (same parameter arrays, nothing copied) whose blocks run with or
+    without ``nnx.remat``. Remat only pays in a backward pass, and a lifted ``nnx.remat`` cannot
+    run inside a jitted sampler's ``fori_loop`` (it would update the module from another trace
+    level), so samplers call the model through ``with_remat(model, False)`` whatever it was
+    loaded with; the train step turns it on where the config asks for it."""
+    view = nnx.merge(*nnx.split(module))
+    for _, sub in nnx.iter_modules(view):
+        if hasattr(sub, "remat"):
+            sub.remat = remat
+    return view
+
+
 class Placeholder(nnx.Module):
     """Holds the index of a parameter-free torch module (Dropout, activation) in a list."""
 

@@ -1,4 +1,5 @@
-"""Load diffusers-layout pipeline folders into our Flax models, and export them back.
+"""Load diffusers-layout pipeline folders into our Flax models (export back:
+``models/export.py``; hub ids: ``models/hub.py``).
 
 A folder looks like ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
 ``scheduler/`` (plus ``low_res_scheduler/`` for the x4 upscaler). Each model component holds a
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,15 +22,11 @@ from flax import nnx
 
 from dreambooth_jax.errors import CheckpointError
 from dreambooth_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from dreambooth_jax.models.convert import (load_component_weights, state_to_torch, torch_to_state,
-                                           write_safetensors)
+from dreambooth_jax.models.convert import load_component_weights, torch_to_state
+from dreambooth_jax.models.hub import looks_like_local_path, resolve_model_path  # noqa: F401  (public here too)
 from dreambooth_jax.models.options import ModelOptions
 from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig
-
-DIFFUSERS_VERSION = "0.42.1"  # written into exported configs; any diffusers >= 0.20 reads them
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
 
 @dataclasses.dataclass
@@ -50,28 +46,6 @@ class Pipeline:
     @property
     def is_upscaler(self) -> bool:
         return self.low_res_scheduler_config is not None
-
-
-# ----------------------------------------------------------------------------- paths
-def resolve_model_path(path_or_hub_id: str | Path) -> Path:
-    """A local folder as is; a hub id ('org/name') is downloaded (safetensors/json/txt only).
-
-    Nothing touches the network unless the argument is not a local path and looks like a hub id.
-    """
-    p = Path(path_or_hub_id).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise CheckpointError(f"model path {p} is a file; expected a diffusers pipeline folder")
-        return p
-    s = str(path_or_hub_id)
-    if s.startswith((".", "/", "~")) or not _HUB_ID.match(s):
-        raise CheckpointError(f"model folder {p} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(s, allow_patterns=_HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated model...
-        raise CheckpointError(f"'{s}' is not a local folder, and downloading it as a hub id failed: "
-                              f"{type(e).__name__}: {e}") from e
 
 
 def _read_json(path: Path) -> dict:
@@ -155,12 +129,39 @@ def load_tokenizer(folder: str | Path, max_length: int = 77):
 
 
 def tokenize(tokenizer, prompts: list[str] | str, max_length: int | None = None) -> np.ndarray:
-    """Prompts -> (B, max_length) int32 ids, padded and truncated as SD pipelines do."""
+    """Prompts -> (B, max_length) int32 ids, padded and truncated as SD pipelines do.
+
+    A prompt longer than ``max_length`` tokens (with its start/end tokens) is cut as the SD
+    pipelines cut it, with a UserWarning naming the prompt, its length and the words dropped.
+    """
     if isinstance(prompts, str):
         prompts = [prompts]
+    prompts = list(prompts)
     n = max_length or tokenizer.model_max_length
-    ids = tokenizer(list(prompts), padding="max_length", max_length=n, truncation=True).input_ids
+    ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True).input_ids
+    _warn_truncated(tokenizer, prompts, n)
     return np.asarray(ids, dtype=np.int32)
+
+
+def _warn_truncated(tokenizer, prompts: list[str], n: int) -> None:
+    """Warn for each prompt cut at ``n`` tokens. Counted word by word (CLIP's BPE never merges
+    across whitespace, so the counts add up), so that the warning names whole words."""
+    specials = len(tokenizer("").input_ids)  # <start> and <end>
+    for prompt in prompts:
+        words = prompt.split()
+        if not words:
+            continue
+        counts = np.cumsum([len(t) for t in tokenizer(words, add_special_tokens=False).input_ids])
+        if counts[-1] + specials <= n:
+            continue
+        first = int(np.searchsorted(counts, n - specials, side="right"))  # first word not wholly kept
+        partly = first > 0 and counts[first - 1] < n - specials or first == 0 and n - specials > 0
+        dropped = " ".join(words[first:])
+        short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        cut = dropped if len(dropped) <= 80 else dropped[:38] + " ... " + dropped[-38:]
+        warnings.warn(f"prompt '{short}' is {int(counts[-1]) + specials} tokens long, more than the text "
+                      f"encoder's limit of {n}; its end is dropped{' (the first word in part)' if partly else ''}: "
+                      f"'{cut}'", UserWarning, stacklevel=3)
 
 
 def default_tokenizer():
@@ -201,50 +202,3 @@ def load_pretrained(path_or_hub_id: str | Path, opts: ModelOptions = ModelOption
             raise ValueError(f"unknown component {name!r}; choose from {COMPONENTS}")
     return pipe
 
-
-# ----------------------------------------------------------------------------- export
-_EXPORT = {
-    UNet2DConditionModel: ("UNet2DConditionModel", "diffusion_pytorch_model", ""),
-    AutoencoderKL: ("AutoencoderKL", "diffusion_pytorch_model", ""),
-    CLIPTextModel: ("CLIPTextModel", "model", "text_model."),
-}
-
-
-def save_component(model: nnx.Module, folder: str | Path, *, overwrite: bool = False,
-                   dtype=np.float32) -> Path:
-    """Write one model as a diffusers/transformers component folder (config.json + safetensors)."""
-    folder = Path(folder)
-    class_name, stem, prefix = _EXPORT[type(model)]
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise CheckpointError(f"refusing to overwrite non-empty folder {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
-    config = dict(model.config.raw)
-    if isinstance(model, CLIPTextModel):
-        config.setdefault("architectures", ["CLIPTextModel"])
-        config.setdefault("model_type", "clip_text_model")
-    else:
-        config["_class_name"] = class_name
-        config.setdefault("_diffusers_version", DIFFUSERS_VERSION)
-    tensors = state_to_torch(nnx.state(model, nnx.Param), dtype=dtype)
-    write_safetensors(folder / f"{stem}.safetensors", {prefix + k: v for k, v in tensors.items()})
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return folder
-
-
-def export_pipeline(source: str | Path, out: str | Path, models: dict[str, nnx.Module], *,
-                    overwrite: bool = False) -> Path:
-    """Write a complete pipeline folder: ``source``'s files, with ``models`` (e.g. the fine-tuned
-    ``{'unet': unet}``) written in place of the originals. ``source`` is never modified."""
-    source, out = resolve_model_path(source), Path(out)
-    if out.resolve() == source.resolve():
-        raise CheckpointError(f"export folder {out} is the source folder; choose another")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"refusing to overwrite non-empty folder {out}")
-        shutil.rmtree(out)
-    top = source.resolve()
-    skip = lambda d, names: [n for n in names if Path(d).resolve() == top and n in models]
-    shutil.copytree(source, out, ignore=skip)
-    for name, model in models.items():
-        save_component(model, out / name)
-    return out

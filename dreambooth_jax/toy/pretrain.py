@@ -88,7 +88,7 @@ def tokenizer_files(folder: Path) -> None:
 
 def write_pipeline(folder: Path, *, unet, vae, text_encoder, upscaler: bool, dtype=np.float16) -> Path:
     """A complete diffusers pipeline folder (StableDiffusionPipeline or StableDiffusionUpscalePipeline)."""
-    from dreambooth_jax.models.loading import save_component
+    from dreambooth_jax.models.export import save_component
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

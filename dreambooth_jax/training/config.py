@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -35,6 +36,7 @@ class TrainConfig:
     center_crop: bool = True
     flip: bool = True  # horizontal flip augmentation (latents precomputed for both flips)
     output_dir: str = "runs/dreambooth"
+    export_dtype: str = ""  # weights of the exported folder: "" = the source model's, or float32 | float16 | bfloat16
     # --- method
     with_prior_preservation: bool = True
     prior_loss_weight: float = 1.0  # lambda
@@ -98,13 +100,55 @@ def check(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key '{f.name}': expected {names}, got {v!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config key 'dtype': {cfg.dtype!r} is not float32 or bfloat16")
-    if cfg.lr_schedule not in ("constant", "warmup_constant", "cosine"):
-        raise ConfigError(f"config key 'lr_schedule': {cfg.lr_schedule!r} is not constant, warmup_constant or cosine")
-    for key in ("max_train_steps", "train_batch_size", "resolution", "grad_accum", "fsdp"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    _choice(cfg, "lr_schedule", ("constant", "warmup_constant", "cosine"))
+    _choice(cfg, "export_dtype", ("", "float32", "float16", "bfloat16"))
+    from dreambooth_jax.diffusion.samplers import SAMPLER_NAMES
+    from dreambooth_jax.models.attention import IMPLS
+
+    _choice(cfg, "class_sampler", SAMPLER_NAMES)
+    _choice(cfg, "attention", IMPLS)
+    for key in ("max_train_steps", "train_batch_size", "resolution", "grad_accum", "fsdp", "class_steps",
+                "sr_max_train_steps", "sr_resolution", "checkpoint_every", "log_every", "validation_steps"):
+        _at_least(cfg, key, 1, "")
+    _at_least(cfg, "keep_checkpoints", 1, " (0 would delete every checkpoint, and a run could never resume)")
+    _at_least(cfg, "num_class_images", 1 if cfg.with_prior_preservation else 0,
+              " with prior preservation (or set with_prior_preservation=false)")
+    for key in ("lr_warmup_steps", "validation_every", "seed", "validation_seed", "sr_noise_level"):
+        _at_least(cfg, key, 0, "")
+    for key in ("learning_rate", "sr_learning_rate", "adam_eps", "max_grad_norm"):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) > 0):
+            raise ConfigError(f"config key '{key}' must be a finite number > 0, got {getattr(cfg, key)}")
+    for key in ("prior_loss_weight", "weight_decay", "offset_noise", "class_guidance"):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
+            raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {getattr(cfg, key)}")
+    for key in ("adam_b1", "adam_b2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)}")
     if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
         raise ConfigError(f"config key 'ema_decay' must be in (0, 1), got {cfg.ema_decay}")
+    if cfg.min_snr_gamma is not None and not (math.isfinite(cfg.min_snr_gamma) and cfg.min_snr_gamma > 0):
+        raise ConfigError(f"config key 'min_snr_gamma' must be > 0 (or null for plain MSE), got {cfg.min_snr_gamma}")
+    if cfg.sr_noise_level > 350:  # the x4 upscaler's max_noise_level; checked against the model on load
+        raise ConfigError(f"config key 'sr_noise_level' must be in [0, 350], got {cfg.sr_noise_level}")
+    if cfg.sr_resolution % 4:
+        raise ConfigError(f"config key 'sr_resolution' ({cfg.sr_resolution}) must be a multiple of 4 "
+                          "(the low-res input is a quarter of it)")
+    if not all(isinstance(p, str) and p.strip() for p in cfg.validation_prompts):
+        raise ConfigError(f"config key 'validation_prompts' must be a list of non-empty strings, "
+                          f"got {cfg.validation_prompts!r}")
+    for key in ("instance_prompt", "class_prompt"):
+        if not getattr(cfg, key).strip():
+            raise ConfigError(f"config key '{key}' is empty")
+
+
+def _choice(cfg: TrainConfig, key: str, allowed: tuple) -> None:
+    if getattr(cfg, key) not in allowed:
+        raise ConfigError(f"config key '{key}': {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+
+
+def _at_least(cfg: TrainConfig, key: str, low: int, why: str) -> None:
+    if getattr(cfg, key) < low:
+        raise ConfigError(f"config key '{key}' must be >= {low}{why}, got {getattr(cfg, key)}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

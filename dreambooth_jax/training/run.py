@@ -3,6 +3,7 @@ checkpoints -> exported diffusers folder. ``python -m dreambooth_jax.train`` cal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,8 +18,9 @@ import optax
 from flax import nnx
 
 from dreambooth_jax.errors import DreamboothError
-from dreambooth_jax.training.checkpoint import Checkpointer, StopSignal, abstract_like
+from dreambooth_jax.training.checkpoint import Checkpointer, Preempted, StopSignal, abstract_like
 from dreambooth_jax.training.config import TrainConfig
+from dreambooth_jax.training.rundir import MetricsLog, config_dict
 from dreambooth_jax.sharding import global_batch, make_mesh, param_shardings
 from dreambooth_jax.training.state import TrainState, init_state, make_optimizer
 from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_step
@@ -26,6 +28,10 @@ from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_
 
 class TrainingDiverged(DreamboothError):
     pass
+
+
+class ResumeError(DreamboothError):
+    """The checkpoint in output_dir cannot be resumed with this run's settings."""
 
 
 def lr_schedule(cfg: TrainConfig, lr: float, steps: int) -> optax.Schedule:
@@ -71,10 +77,10 @@ def encode_prompts(pipe, prompts: list[str]) -> np.ndarray:
     return np.asarray(hidden)
 
 
-def _tensorboard(folder: Path):
+def _tensorboard(folder: Path, purge_step: int | None = None):
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), purge_step=purge_step)
 
 
 def make_host_batch(data: StageData, n_inst: int, cfg: TrainConfig, step: int, with_prior: bool) -> dict:
@@ -101,7 +107,7 @@ def make_host_batch(data: StageData, n_inst: int, cfg: TrainConfig, step: int, w
 
 def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, step_cfg: StepConfig, *,
                 lr: float, steps: int, out_dir: Path, low_res_schedule=None, text_encoder=None,
-                log: Callable[[str], None] = print, on_step: Callable | None = None):
+                log: Callable[[str], None] = print, on_step: Callable | None = None, stop: StopSignal | None = None):
     """Train ``unet`` (and ``text_encoder`` if given: ``data.input_ids`` then holds the prompts'
     ids) on the precomputed DreamBooth ``data`` (instance examples first, then class examples)
     for ``steps`` steps with checkpoints in ``out_dir/checkpoints``. Returns the trained UNet
@@ -111,17 +117,20 @@ def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, 
     models = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
     trained, history = train_loop(models, schedule, lambda step: make_host_batch(data, n_inst, cfg, step, with_prior),
                                   cfg, step_cfg, lr=lr, steps=steps, out_dir=out_dir,
-                                  low_res_schedule=low_res_schedule, log=log, on_step=on_step)
+                                  low_res_schedule=low_res_schedule, log=log, on_step=on_step, stop=stop)
     return (trained["unet"] if text_encoder is None else trained), history
 
 
 def train_loop(models: dict, schedule, batch_fn: Callable[[int], dict], cfg: TrainConfig, step_cfg: StepConfig, *,
                lr: float, steps: int, out_dir: Path, low_res_schedule=None,
-               log: Callable[[str], None] = print, on_step: Callable | None = None):
+               log: Callable[[str], None] = print, on_step: Callable | None = None,
+               stop: StopSignal | None = None):
     """The training loop: ``models`` ({'unet': UNet} or also 'text_encoder' when it is trained)
     for ``steps`` steps on ``batch_fn(step)`` (a deterministic host batch, so that a resumed run
-    sees the same data), checkpoints in ``out_dir/checkpoints``, resume, SIGTERM, NaN stop.
-    Returns the trained models (EMA weights if enabled) and the metrics history."""
+    sees the same data), checkpoints in ``out_dir/checkpoints``, resume, SIGTERM (``stop``: the
+    caller's StopSignal, else one around the loop), NaN stop. The loss history is appended to
+    ``out_dir/metrics.jsonl`` as it goes and kept across resumes. Returns the trained models (EMA
+    weights if enabled) and the whole metrics history (earlier runs' steps included)."""
     from tqdm.auto import tqdm
 
     mesh = make_mesh(cfg.fsdp)
@@ -151,19 +160,34 @@ def train_loop(models: dict, schedule, batch_fn: Callable[[int], dict], cfg: Tra
     ckpt = Checkpointer(out_dir / "checkpoints", keep=cfg.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract_like(state))
+        meta = ckpt.read_meta()
+        changed = config_changes(meta.get("config", {}), _config_fingerprint(cfg))
+        try:
+            state, meta = ckpt.restore(abstract_like(state))
+        except Exception as e:  # another model, or a setting that changes the state's structure
+            ckpt.close()
+            raise ResumeError(f"the checkpoint in {ckpt.directory} (step {meta.get('step')}) does not fit this "
+                              f"run's model and settings ({', '.join(changed) or 'same config, other model files?'}); "
+                              "restore those settings to resume, or use a new output_dir to start over "
+                              f"[{type(e).__name__}]") from e
         start = int(meta["step"])
-        if meta.get("config") != _config_fingerprint(cfg):
-            log("warning: resuming a checkpoint written with a different config")
+        if changed:
+            log(f"note: resuming with changed settings: {', '.join(changed)}")
         log(f"resumed from step {start}")
     rng = jax.random.key_data(jax.random.key(cfg.seed))
-    history = []
     main = jax.process_index() == 0  # only process 0 writes logs and images
-    tb = _tensorboard(out_dir / "tensorboard") if main else None
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start, enabled=main)
+    # purge_step: TensorBoard drops the events of steps after the checkpoint (about to be redone)
+    tb = _tensorboard(out_dir / "tensorboard", purge_step=start or None) if main else None
     bar = tqdm(total=steps, initial=start, desc=out_dir.name, unit="step", dynamic_ncols=True, disable=not main)
     schedule_fn = lr_schedule(cfg, lr, steps)
     try:
-        with StopSignal() as stop:
+        with contextlib.ExitStack() as stack:
+            if stop is None:
+                stop = stack.enter_context(StopSignal())
+            if stop.requested:
+                log("stop requested before training started; nothing new to save. Rerun the same command to resume")
+                raise Preempted()
             for step in range(start, steps):
                 batch = global_batch(batch_fn(step), mesh)
                 state, metrics = compiled(state, batch, rng, {})
@@ -177,25 +201,29 @@ def train_loop(models: dict, schedule, batch_fn: Callable[[int], dict], cfg: Tra
                             f"loss became {m['loss']} at step {done}; stopped without saving it. The last good "
                             f"checkpoint is kept in {ckpt.directory}. Lower the learning rate?")
                     m.update(step=done, lr=float(schedule_fn(step)))
-                    history.append(m)
+                    metrics_log.append(m)
                     if tb is not None:
                         for k, v in m.items():
                             if k != "step":
                                 tb.add_scalar(f"train/{k}", v, done)
+                        tb.flush()  # a kill -9 keeps what was logged
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
                 bar.update(1)
                 if saving:
                     ckpt.save(done, state, {"step": done, "config": _config_fingerprint(cfg)})
                 if stop.requested:
+                    ckpt.wait()
                     log(f"stop requested: saved step {done} to {ckpt.directory}; rerun the same command to resume")
-                    raise SystemExit(0)
+                    raise Preempted()
                 if on_step:
                     on_step(done, m, state)  # m is None on steps that are not logged
     finally:
         bar.close()
+        metrics_log.close()
         if tb is not None:
             tb.close()
         ckpt.close()  # waits for an asynchronous save in flight, whatever ended the loop
+    history = metrics_log.history()
     final = state.ema if ema else state.params
     if jax.process_count() > 1:  # fsdp shards live on several hosts: gather them everywhere
         from jax.experimental import multihost_utils
@@ -206,7 +234,20 @@ def train_loop(models: dict, schedule, batch_fn: Callable[[int], dict], cfg: Tra
 
 
 def _config_fingerprint(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return config_dict(cfg)
+
+
+# Settings that are free to change between a run and its resume (paths to the same data, logging,
+# validation, the number of steps): the others are reported when they differ.
+_RESUME_FREE = frozenset({"output_dir", "max_train_steps", "sr_max_train_steps", "checkpoint_every",
+                          "keep_checkpoints", "log_every", "validation_every", "validation_prompts",
+                          "validation_steps", "validation_seed", "attention", "remat", "fsdp", "export_dtype"})
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every setting (other than logging/validation/step counts) that differs."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new
+            if k not in _RESUME_FREE and k in old and old.get(k) != new.get(k)]
 
 
 def _load_instance_images(folder: str, size: int, flip: bool, center_crop: bool, seed: int) -> np.ndarray:
@@ -216,7 +257,8 @@ def _load_instance_images(folder: str, size: int, flip: bool, center_crop: bool,
     return ds.images
 
 
-def _class_images(cfg: TrainConfig, pipe, out_dir: Path, log, size: int | None = None) -> np.ndarray:
+def _class_images(cfg: TrainConfig, pipe, out_dir: Path, log, size: int | None = None,
+                  stop: StopSignal | None = None) -> np.ndarray:
     """The class (prior) images at ``size`` (default: the training resolution): a given folder,
     a TFDS source, or generated by the frozen model (cached with a manifest)."""
     from dreambooth_jax.data.images import list_images, load_image
@@ -234,7 +276,7 @@ def _class_images(cfg: TrainConfig, pipe, out_dir: Path, log, size: int | None =
     if cfg.class_dir and folder.is_dir() and not manifest.exists() and list(folder.iterdir()):
         paths = list_images(folder)[: cfg.num_class_images]  # the user's own class photos
     else:
-        _on_process_0(lambda: generate_class_images(cfg, pipe, folder, log), "class_images")
+        _on_process_0(lambda: generate_class_images(cfg, pipe, folder, log, stop=stop), "class_images")
         paths = [folder / f"{i:05d}.png" for i in range(cfg.num_class_images)]
     return np.stack([load_image(p, size) for p in paths])
 
@@ -257,7 +299,7 @@ def _on_process_0(fn: Callable, name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _sr_class_images(cfg: TrainConfig, pipe, out_dir: Path, log) -> np.ndarray:
+def _sr_class_images(cfg: TrainConfig, pipe, out_dir: Path, log, stop: StopSignal | None = None) -> np.ndarray:
     """High-res class images for the SR stage's prior preservation. Class images drawn by the
     frozen base model are upscaled by the frozen SR model (the frozen cascade's own output; a
     resized low-res image would teach the SR model to blur); real class photos are used as they are."""
@@ -294,7 +336,11 @@ def _sr_class_images(cfg: TrainConfig, pipe, out_dir: Path, log) -> np.ndarray:
             res = sampler(low, [cfg.class_prompt] * batch, noise_level=cfg.sr_noise_level, seed=cfg.seed + i,
                           guidance=cfg.class_guidance)
             for p, im in zip(paths[i:i + batch], res.images):
-                Image.fromarray(im).save(p)
+                tmp = p.with_name(f".{p.name}.tmp")
+                Image.fromarray(im).save(tmp, format="PNG")
+                tmp.replace(p)  # atomic: a kill leaves no half-written image
+            if stop is not None:
+                _check_stop(stop, log, "while upscaling class images")
         stamp.write_text(json.dumps(spec, indent=1) + "\n")
 
     _on_process_0(generate, "class_images_sr")
@@ -307,8 +353,10 @@ def _resize_uint8(im: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(im).convert("RGB").resize((size, size), Image.BICUBIC))
 
 
-def generate_class_images(cfg: TrainConfig, pipe, folder: Path, log, batch_size: int = 4) -> list[Path]:
-    """Sample ``num_class_images`` "a [class]" images with the frozen model (the paper's prior)."""
+def generate_class_images(cfg: TrainConfig, pipe, folder: Path, log, batch_size: int = 4,
+                          stop: StopSignal | None = None) -> list[Path]:
+    """Sample ``num_class_images`` "a [class]" images with the frozen model (the paper's prior).
+    A SIGTERM (``stop``) ends it after the batch in flight; the images written are kept."""
     from tqdm.auto import tqdm
 
     from dreambooth_jax.class_images import ClassImageSpec, ensure_class_images, model_fingerprint
@@ -338,6 +386,9 @@ def generate_class_images(cfg: TrainConfig, pipe, folder: Path, log, batch_size:
             bar = tqdm(total=total, desc="class images", unit="img")
         bar.n = done
         bar.refresh()
+        if stop is not None and stop.requested and done < total:
+            bar.close()
+            _check_stop(stop, log, f"during class-image generation ({done} of {total} new images written)")
 
     paths = ensure_class_images(folder, spec, model_fingerprint(pipe.path), sample_fn, batch_size=batch_size,
                                 progress=progress)
@@ -381,28 +432,57 @@ def make_validator(cfg: TrainConfig, pipe, folder: Path, log):
 
 def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     """DreamBooth on ``cfg.model`` (base stage, then the SR stage if ``cfg.sr_model``); returns
-    the exported diffusers folder of the base model."""
+    the exported diffusers folder of the base model.
+
+    Before anything is loaded: every setting, path and device count is checked (``preflight``),
+    ``output_dir`` is locked for this run and checked against its checkpoints; only then is
+    ``config.json`` written (an earlier run's is kept). SIGTERM at any point saves what can be
+    saved and exits 0; a full disk or read-only folder is one line, and a rerun resumes."""
+    from dreambooth_jax.training.preflight import check_resume, preflight
+    from dreambooth_jax.training.rundir import RunLock, filesystem_error, prepare_output_dir, write_config
+
+    out_dir = Path(cfg.output_dir)
+    main = jax.process_index() == 0
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(StopSignal())
+        folders = preflight(cfg)
+        if main:  # multi-host: one process owns the (shared) folder
+            prepare_output_dir(out_dir)
+            stack.enter_context(RunLock(out_dir))
+        check_resume(cfg)
+        if main:
+            write_config(out_dir, config_dict(cfg))
+        try:
+            return _run(cfg, folders, out_dir, stop, log)
+        except (DreamboothError, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            err = filesystem_error(e, out_dir)
+            if err is None:
+                raise
+            raise err from e
+
+
+def _check_stop(stop: StopSignal, log, what: str) -> None:
+    if stop.requested:
+        log(f"stop requested {what}; what is done is kept (class images, checkpoints). Rerun the same "
+            "command to continue")
+        raise Preempted()
+
+
+def _run(cfg: TrainConfig, folders: dict, out_dir: Path, stop: StopSignal, log) -> Path:
     from dreambooth_jax.diffusion.schedules import schedule_from_config
     from dreambooth_jax.models import ModelOptions, export_pipeline, load_pretrained
 
-    if not cfg.model:
-        raise DreamboothError("config key 'model' is empty: give a diffusers folder or hub id")
-    if not cfg.instance_dir:
-        raise DreamboothError("config key 'instance_dir' is empty: give the folder of subject photos")
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     opts = ModelOptions(dtype=jnp.dtype(cfg.dtype), remat=cfg.remat, attention=cfg.attention)
-    pipe = load_pretrained(cfg.model, opts)
-    vcfg = pipe.vae.config
-    if cfg.resolution % (vcfg.downscale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)):
-        raise DreamboothError(f"config key 'resolution' ({cfg.resolution}) must be a multiple of "
-                              f"{vcfg.downscale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)} for this model")
     inst = _load_instance_images(cfg.instance_dir, cfg.resolution, cfg.flip, cfg.center_crop, cfg.seed)
     log(f"{len(inst)} instance image(s){' (with flips)' if cfg.flip else ''} at {cfg.resolution}px")
+    pipe = load_pretrained(folders["model"], opts)
+    vcfg = pipe.vae.config
+    _check_stop(stop, log, "while loading the model")
     images = [inst]
     if cfg.with_prior_preservation:
-        cls = _class_images(cfg, pipe, out_dir, log)
+        cls = _class_images(cfg, pipe, out_dir, log, stop=stop)
         images.append(cls)
         log(f"{len(cls)} class image(s) for prior preservation (lambda={cfg.prior_loss_weight})")
     all_images = np.concatenate(images).astype(np.float32)
@@ -423,34 +503,42 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     validate = make_validator(cfg, pipe, out_dir / "base" / "validation", log)
     trained, history = train_stage(pipe.unet, schedule, data, len(inst), cfg, step_cfg, lr=cfg.learning_rate,
                                    steps=cfg.max_train_steps, out_dir=out_dir / "base", log=log, on_step=validate,
-                                   text_encoder=pipe.text_encoder if cfg.train_text_encoder else None)
+                                   text_encoder=pipe.text_encoder if cfg.train_text_encoder else None, stop=stop)
     trained = trained if cfg.train_text_encoder else {"unet": trained}
     validate(cfg.max_train_steps, None, None, final=trained)
     exported = out_dir / "model"
     if jax.process_index() == 0:
-        (out_dir / "base" / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
-        export_pipeline(pipe.path, exported, trained, overwrite=True)
+        _write_json(out_dir / "base" / "metrics.json", history)
+        export_pipeline(pipe.path, exported, trained, overwrite=True, dtype=cfg.export_dtype or None)
         log(f"exported the fine-tuned model to {exported}")
     if cfg.sr_model:
-        sr_exported = run_sr_stage(cfg, opts, out_dir, log)
+        _check_stop(stop, log, "after the base stage")
+        sr_exported = run_sr_stage(cfg, opts, out_dir, log, stop=stop, folder=folders["sr_model"])
         log(f"exported the fine-tuned SR model to {sr_exported}")
     return exported
 
 
-def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log) -> Path:
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log, *, stop: StopSignal | None = None,
+                 folder: Path | None = None) -> Path:
     """Fine-tune the x4 upscaler on (low-res, high-res) pairs of the subject photos, with the
     low-res noise augmentation lowered to ``sr_noise_level`` (the paper lowers it so that fine
     subject texture survives), plus class pairs for prior preservation."""
     from dreambooth_jax.diffusion.schedules import schedule_from_config
     from dreambooth_jax.models import export_pipeline, load_pretrained
 
-    pipe = load_pretrained(cfg.sr_model, opts)
+    pipe = load_pretrained(folder or cfg.sr_model, opts)
     if not pipe.is_upscaler:
         raise DreamboothError(f"sr_model {cfg.sr_model} is not an x4 upscaler pipeline (no low_res_scheduler)")
     hi = _load_instance_images(cfg.instance_dir, cfg.sr_resolution, cfg.flip, cfg.center_crop, cfg.seed)
     images = [hi]
     if cfg.with_prior_preservation:
-        images.append(_sr_class_images(cfg, pipe, out_dir, log))
+        images.append(_sr_class_images(cfg, pipe, out_dir, log, stop=stop))
     hi_all = np.concatenate(images).astype(np.float32)
     low = np.asarray(jax.image.resize(hi_all, (len(hi_all), cfg.sr_resolution // 4, cfg.sr_resolution // 4, 3),
                                       "cubic", antialias=True)).clip(-1, 1)
@@ -464,8 +552,9 @@ def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log) -> Path:
                           latent_scale=vcfg.scaling_factor, latent_shift=vcfg.shift_factor)
     unet, history = train_stage(pipe.unet, schedule_from_config(pipe.scheduler_config), data, len(hi), cfg, step_cfg,
                                 lr=cfg.sr_learning_rate, steps=cfg.sr_max_train_steps, out_dir=out_dir / "sr",
-                                low_res_schedule=schedule_from_config(pipe.low_res_scheduler_config), log=log)
+                                low_res_schedule=schedule_from_config(pipe.low_res_scheduler_config), log=log,
+                                stop=stop)
     if jax.process_index() == 0:
-        (out_dir / "sr" / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
-        export_pipeline(pipe.path, out_dir / "sr_model", {"unet": unet}, overwrite=True)
+        _write_json(out_dir / "sr" / "metrics.json", history)
+        export_pipeline(pipe.path, out_dir / "sr_model", {"unet": unet}, overwrite=True, dtype=cfg.export_dtype or None)
     return out_dir / "sr_model"
