@@ -64,6 +64,14 @@ def test_dreambooth_binds_the_toy_subject(tmp_path):
     assert saved["metrics"]["DreamBooth"] == after
     for f in ("before.png", "after.png", "comparison.png", "subject_photos.png", "metrics.md"):
         assert (tmp_path / "demo" / f).is_file(), f
+    # The export runs in diffusers as a user calls it: no dtype argument (issue 9: the fine-tuned
+    # UNet used to be float32 beside float16 copies, and the first step failed on mixed dtypes).
+    from diffusers import StableDiffusionPipeline
+
+    exported = StableDiffusionPipeline.from_pretrained(str(tmp_path / "demo" / "train" / "model"))
+    img = exported("a photo of a sks box on the beach", height=32, width=32, num_inference_steps=2,
+                   output_type="np").images
+    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
 
 
 def test_demo_refuses_foreign_output_folder(tmp_path):

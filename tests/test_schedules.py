@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from diffusers.training_utils import compute_snr
 
 from dreambooth_jax.diffusion import schedules
 from dreambooth_jax.errors import ConfigError
+from numerics import SQRT_ULP, Twin, assert_within, torch_linspace32
 
 # Scheduler configs as real checkpoints ship them.
 SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
@@ -83,29 +86,108 @@ ZERO_SNR_CONFIGS = {
 }
 
 
-def _array_errors(kw: dict) -> dict[str, float]:
+def _beta_spec(kw: dict) -> Twin:
+    """The betas diffusers builds for ``kw`` before any zero-SNR rescale, as a Twin around the formula."""
+    n = kw.get("num_train_timesteps", 1000)
+    start, end = kw.get("beta_start", 0.0001), kw.get("beta_end", 0.02)
+    if kw.get("trained_betas") is not None:
+        # the same Python floats converted to float32 (correctly rounded): exact
+        return Twin(np.asarray(kw["trained_betas"], np.float64).astype(np.float32))
+    kind = kw.get("beta_schedule", "linear")
+    if kind == "linear":
+        return torch_linspace32(start, end, n)
+    if kind == "scaled_linear":
+        # linspace of the square roots (the same Python float expression on both sides), then x * x
+        return torch_linspace32(start ** 0.5, end ** 0.5, n).square()
+    assert kind == "squaredcos_cap_v2", kind
+    # float64 Python arithmetic, then float32. abar(t) = cos(x)^2, x = (t + 0.008) / 1.008 * pi / 2,
+    # from ~6 float64 operations (libm cos within 1 ulp): relative error <= 2**-50 (1 + 2 |x tan x|),
+    # the argument's rounding amplified near x = pi / 2. Each side's float64 beta, and ours, are
+    # within ratio * (both relative errors) + 2**-52 of the exact one; then one correctly rounded
+    # conversion (min(., 0.999) only shrinks differences).
+    def x_of(t: float) -> float:
+        return (t + 0.008) / 1.008 * math.pi / 2
+    i = np.arange(n)
+    x1, x2 = x_of(i / n), x_of((i + 1) / n)
+    ratio = np.cos(x2) ** 2 / np.cos(x1) ** 2
+    v = np.minimum(1 - ratio, 0.999)
+    rel = lambda x: 2.0 ** -50 * (1 + 2 * np.abs(x * np.tan(x)))  # noqa: E731
+    d = ratio * (rel(x1) + rel(x2)) + 2.0 ** -52
+    return Twin(v, d, f64=True).f32()
+
+
+def _zero_snr(betas: Twin) -> Twin:
+    """diffusers' rescale_zero_terminal_snr operation by operation: every step correctly rounded but
+    the square root (torch: MKL, faithful); the cumulative product as ``Twin.cumprod`` says."""
+    root = (1 - betas).cumprod().sqrt(SQRT_ULP)
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    bar = root.square()
+    return 1 - Twin.concat([bar[:1], bar[1:] / bar[:-1]])
+
+
+def _check_schedule_arrays(kw: dict) -> None:
+    """Our betas / alphas / alphas_cumprod and diffusers' against the float32 formula, stage by stage.
+
+    Each stage starts from both sides' actual inputs (``Twin.measured``: centred on ours, radius the
+    difference) and evaluates the formula with the rounding model of tests/numerics.py; both
+    outputs must lie within the resulting radius. Stages: (1) betas before a rescale, against the
+    exact schedule: linspace is within 1 ulp (its multiply-add is fused or not), a squared linspace
+    within ~2.5 ulp, cosine and trained betas within 0.5 ulp; (2) the zero-SNR rescale: torch's
+    faithful sqrt makes the two differ by ~1 ulp before the shift, scale, square and ratio amplify
+    it (most near t = T, where sqrt(abar) - sqrt(abar_T) cancels); (3) alphas = 1 - betas, one
+    correctly rounded subtraction: bit-equal where the betas are; (4) alphas_cumprod, float64
+    accumulated and rounded once, so the bound is 0.5 ulp plus prod(1 + |d alpha_s| / alpha_s) - 1
+    over the alphas that differ. Stages (3) and (4) also hold each side to the formula applied to
+    their own inputs (then 0 and 0.5 ulp), so a wrong formula fails even where the two sides' inputs
+    already differ; the cross-check of the two sides is what those input differences allow."""
     ours = schedules.schedule_from_config({"_class_name": "DDPMScheduler", **kw})
     ref = diffusers.DDPMScheduler(**kw)
     for name in ("betas", "alphas", "alphas_cumprod"):
         assert getattr(ours, name).dtype == jnp.float32
-    return {name: float(np.abs(np.asarray(getattr(ours, name)) - getattr(ref, name).numpy()).max())
-            for name in ("betas", "alphas", "alphas_cumprod")}
+    o = {name: np.asarray(getattr(ours, name)) for name in ("betas", "alphas", "alphas_cumprod")}
+    r = {name: getattr(ref, name).numpy() for name in ("betas", "alphas", "alphas_cumprod")}
+
+    def check(name: str, tw: Twin, o_val, r_val) -> None:
+        assert_within(o_val, tw.v, tw.d, f"ours {name}")
+        assert_within(r_val, tw.v, tw.d, f"diffusers {name}")
+
+    spec = _beta_spec(kw)
+    if kw.get("rescale_betas_zero_snr"):
+        plain = {k: v for k, v in kw.items() if k != "rescale_betas_zero_snr"}
+        ours_pre = schedules.betas_for(schedules.SchedulerConfig.from_diffusers({"_class_name": "DDPMScheduler",
+                                                                                  **plain}))
+        ref_pre = diffusers.DDPMScheduler(**plain).betas.numpy()
+        check("betas before the rescale", spec, ours_pre, ref_pre)
+        check("betas", _zero_snr(Twin.measured(ours_pre, ref_pre)), o["betas"], r["betas"])
+    else:
+        check("betas", spec, o["betas"], r["betas"])
+    # (3) and (4) for each side from its own inputs (tight: bit-equal, then 0.5 ulp) ...
+    for side, vals in (("ours", o), ("diffusers", r)):
+        tw = 1 - Twin(vals["betas"])
+        assert_within(vals["alphas"], tw.v, tw.d, f"{side} alphas from its betas")
+        tw = Twin(vals["alphas"]).cumprod()
+        assert_within(vals["alphas_cumprod"], tw.v, tw.d, f"{side} alphas_cumprod from its alphas")
+    # ... and ours against diffusers, with the propagated difference of the inputs
+    check("alphas", 1 - Twin.measured(o["betas"], r["betas"]), o["alphas"], r["alphas"])
+    check("alphas_cumprod", Twin.measured(o["alphas"], r["alphas"]).cumprod(), o["alphas_cumprod"],
+          r["alphas_cumprod"])
 
 
 @pytest.mark.parametrize("kw", list(BETA_CONFIGS.values()), ids=list(BETA_CONFIGS))
 def test_schedule_arrays_match_diffusers(kw):
-    errors = _array_errors(kw)
-    assert max(errors.values()) <= 1e-7, errors
+    _check_schedule_arrays(kw)
 
 
 @pytest.mark.parametrize("kw", list(ZERO_SNR_CONFIGS.values()), ids=list(ZERO_SNR_CONFIGS))
 def test_zero_snr_schedule_matches_diffusers(kw):
-    """The rescale runs in float32 like diffusers, but torch's float32 sqrt (MKL) is not always
-    correctly rounded; a 1-ulp sqrt difference becomes a few ulp in alphas = bar[t] / bar[t-1]."""
-    errors = _array_errors(kw)
-    assert errors["alphas_cumprod"] <= 2e-7 and errors["betas"] <= 2e-6, errors
+    """Same stages, with the rescale between (1) and (3). torch's sqrt is not correctly rounded, so
+    the rescaled betas differ in the last bits; the bound is what those bits can do downstream."""
+    _check_schedule_arrays(kw)
     ours = schedules.schedule_from_config(kw)
-    assert float(ours.alphas_cumprod[-1]) == 0.0  # zero terminal SNR
+    # zero terminal SNR: sqrt(abar_T) - sqrt(abar_T) is exactly 0 in IEEE arithmetic, hence bar_T,
+    # alpha_T and alphas_cumprod[T] are exactly 0 on every machine
+    assert float(ours.alphas_cumprod[-1]) == 0.0
 
 
 def _nchw(x: np.ndarray) -> torch.Tensor:
@@ -116,13 +198,21 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
     return t.numpy().transpose(0, 2, 3, 1)
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+def _forward_twins(ac: Twin, x0: Twin, noise: Twin) -> tuple[Twin, Twin, Twin, Twin]:
+    """(sqrt(abar), sqrt(1 - abar), add_noise, get_velocity) as diffusers and ours compute them:
+    faithful square roots (torch), correctly rounded products and sums that XLA may fuse into an FMA
+    (``same=False``)."""
+    sa, sb = ac.sqrt(SQRT_ULP), (1 - ac).sqrt(SQRT_ULP)
+    noisy = sa.mul(x0, same=False).add(sb.mul(noise, same=False), same=False)
+    velocity = sa.mul(noise, same=False).sub(sb.mul(x0, same=False), same=False)
+    return sa, sb, noisy, velocity
 
 
 @pytest.mark.parametrize("which", ["sd15", "sd21", "x4_low_res"])
 def test_forward_process_matches_diffusers(which):
+    """add_noise, get_velocity, training_target and compute_snr: both sides within the float32 bound
+    of the formula (a few ulp of each product, ~1 ulp more for torch's sqrt), from each side's own
+    alphas_cumprod (``Twin.measured``)."""
     d = REAL_CONFIGS[which]
     sched = schedules.schedule_from_config(d)
     ref = diffusers.DDPMScheduler.from_config(d)
@@ -136,16 +226,37 @@ def test_forward_process_matches_diffusers(which):
     tt = torch.from_numpy(np.array(t)).long()
     ref_noisy = _nhwc(ref.add_noise(_nchw(x0), _nchw(noise), tt))
     ref_vel = _nhwc(ref.get_velocity(_nchw(x0), _nchw(noise), tt))
-    assert _rel(noisy, ref_noisy) <= 1e-6 and _rel(vel, ref_vel) <= 1e-6
-    assert _rel(snr, compute_snr(ref, tt).numpy()) <= 1e-6 and snr.shape == (4,)
-    expected = {"epsilon": noise, "v_prediction": ref_vel}[ref.config.prediction_type]
-    assert _rel(target, expected) <= 1e-6
+    ac = Twin.measured(np.asarray(sched.alphas_cumprod), ref.alphas_cumprod.numpy())[np.asarray(t)]
+    sa, sb, noisy_tw, vel_tw = _forward_twins(ac[:, None, None, None], Twin(np.asarray(x0)), Twin(np.asarray(noise)))
+    for what, tw, o, r in (("add_noise", noisy_tw, noisy, ref_noisy), ("get_velocity", vel_tw, vel, ref_vel)):
+        assert_within(o, tw.v, tw.d, f"ours {what}")
+        assert_within(r, tw.v, tw.d, f"diffusers {what}")
+    snr_tw = (ac.sqrt(SQRT_ULP) / (1 - ac).sqrt(SQRT_ULP)).square()
+    assert snr.shape == (4,)
+    assert_within(snr, snr_tw.v, snr_tw.d, "ours snr")
+    assert_within(compute_snr(ref, tt).numpy(), snr_tw.v, snr_tw.d, "diffusers compute_snr")
+    if ref.config.prediction_type == "epsilon":
+        np.testing.assert_array_equal(target, noise)  # the noise itself, no arithmetic
+    else:
+        assert_within(target, vel_tw.v, vel_tw.d, "ours v-prediction target")
+
+
+def _x0_eps_twins(kind: str, sa: Twin, sb: Twin, target: Twin, noisy: Twin) -> tuple[Twin, Twin]:
+    """predict_x0_and_eps / diffusers' DDIM formulas on Twins."""
+    if kind == "epsilon":
+        return (noisy.sub(sb.mul(target, same=False), same=False)) / sa, target
+    if kind == "v_prediction":
+        return (sa.mul(noisy, same=False).sub(sb.mul(target, same=False), same=False),
+                sa.mul(target, same=False).add(sb.mul(noisy, same=False), same=False))
+    return target, noisy.sub(sa.mul(target, same=False), same=False) / sb
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_training_target_and_x0_eps_inversion(prediction_type):
     """predict_x0_and_eps inverts the forward process for each prediction type, and its x0 is
-    diffusers' DDIM ``pred_original_sample``."""
+    diffusers' DDIM ``pred_original_sample``. Bounds: the float32 error of noisy / target / x0
+    propagated through the inversion (which divides by sqrt(abar) or sqrt(1 - abar): large at
+    t = 990 for epsilon, at t = 10 for sample prediction)."""
     d = dict(SD15_PNDM, prediction_type=prediction_type)
     sched = schedules.schedule_from_config(d)
     k1, k2 = jax.random.split(jax.random.key(1))
@@ -156,14 +267,34 @@ def test_training_target_and_x0_eps_inversion(prediction_type):
     target = jax.jit(schedules.training_target)(sched, x0, noise, t)
     expected = {"epsilon": noise, "sample": x0,
                 "v_prediction": schedules.get_velocity(sched, x0, noise, t)}[prediction_type]
-    assert _rel(target, expected) <= 1e-6  # jit may fuse a*b + c into an FMA: not always bit-equal
+    ac = Twin(np.asarray(sched.alphas_cumprod))[np.asarray(t)][:, None, None, None]
+    sa, sb, noisy_tw, vel_tw = _forward_twins(ac, Twin(np.asarray(x0)), Twin(np.asarray(noise)))
+    if prediction_type == "v_prediction":  # jit vs eager: one may fuse a*b + c into an FMA
+        assert_within(target, vel_tw.v, vel_tw.d, "jitted v target")
+        assert_within(expected, vel_tw.v, vel_tw.d, "eager v target")
+        target_tw = vel_tw
+    else:  # the noise or x0 itself, no arithmetic
+        np.testing.assert_array_equal(target, expected)
+        target_tw = Twin(np.asarray(expected))
     x0_hat, eps_hat = jax.jit(schedules.predict_x0_and_eps)(sched, target, noisy, t)
-    assert _rel(x0_hat, x0) <= 2e-5 and _rel(eps_hat, noise) <= 2e-5
+    x0_tw, eps_tw = _x0_eps_twins(prediction_type, sa, sb, target_tw, noisy_tw)
+    # The formula inverts exactly up to fl(1 - abar) (both sides round it to float32, so the Twins
+    # are centred on x0 and the noise times abar + fl(1 - abar) = 1 +- 2**-24).
+    np.testing.assert_allclose(x0_tw.v, np.asarray(x0), rtol=2.0 ** -23, atol=1e-12)
+    np.testing.assert_allclose(eps_tw.v, np.asarray(noise), rtol=2.0 ** -23, atol=1e-12)
+    assert_within(x0_hat, x0_tw.v, x0_tw.d, "x0 recovered")
+    assert_within(eps_hat, eps_tw.v, eps_tw.d, "noise recovered")
+    # diffusers' DDIM x0 from the same inputs: the formula on exact operands, each side's own alphas_cumprod
     ref = diffusers.DDIMScheduler.from_config(d)
     ref.set_timesteps(50)
+    ac_both = Twin.measured(np.asarray(sched.alphas_cumprod), ref.alphas_cumprod.numpy())[np.asarray(t)]
+    ac_both = ac_both[:, None, None, None]
+    x0_ddim, _ = _x0_eps_twins(prediction_type, ac_both.sqrt(SQRT_ULP), (1 - ac_both).sqrt(SQRT_ULP),
+                               Twin(np.asarray(target)), Twin(np.asarray(noisy)))
+    assert_within(x0_hat, x0_ddim.v, x0_ddim.d, "ours x0")
     for b in range(3):
         out = ref.step(_nchw(target[b:b + 1]), int(t[b]), _nchw(noisy[b:b + 1])).pred_original_sample
-        assert _rel(x0_hat[b:b + 1], _nhwc(out)) <= 1e-6
+        assert_within(_nhwc(out), x0_ddim.v[b:b + 1], x0_ddim.d[b:b + 1], f"diffusers DDIM x0 (t={int(t[b])})")
 
 
 SOURCE = "ckpt/scheduler/scheduler_config.json"

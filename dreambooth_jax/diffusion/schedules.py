@@ -3,9 +3,12 @@
 A checkpoint's ``scheduler/scheduler_config.json`` is parsed into a :class:`SchedulerConfig`
 (strictly: unknown keys and values we do not implement raise :class:`ConfigError`, a
 ``ValueError``). :func:`make_schedule` turns it into a :class:`NoiseSchedule` whose arrays are
-bit-for-bit the float32 ``betas`` / ``alphas`` / ``alphas_cumprod`` diffusers computes (diffusers
-works in float32 torch, so we replay its float32 arithmetic in numpy rather than computing in
-float64: the float64 cumulative product differs from diffusers' by up to ~5e-7).
+the float32 ``betas`` / ``alphas`` / ``alphas_cumprod`` diffusers computes, to within a few ulp
+(diffusers works in float32 torch, so we replay its float32 arithmetic in numpy rather than
+computing in float64, whose cumulative product differs from diffusers' by up to ~5e-7). Not bit
+for bit everywhere: torch's float32 sqrt is not correctly rounded (zero-SNR rescale) and its
+linspace rounds once or twice depending on the CPU kernel; tests/numerics.py bounds what that
+can do downstream.
 
 The functions below (``add_noise``, ``get_velocity``, ``training_target``, ``snr``,
 ``predict_x0_and_eps``) are pure jnp, jit-able, and take NHWC arrays with (B,) int timesteps.
@@ -245,7 +248,8 @@ class NoiseSchedule:
 
 
 def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float32)`` bit for bit (CPU kernel): a float32
+    """``torch.linspace(start, end, steps, dtype=torch.float32)`` as its AVX2/AVX-512 CPU kernel computes
+    it, bit for bit (the generic kernel rounds twice: within 1 ulp of this): a float32
     step; the first half counts up from start, the second down from end, each value rounded once
     (a float32 x small-int product is exact in float64, so float64 then float32 emulates the fma)."""
     a, b = np.float32(start), np.float32(end)
