@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-all demo clean
+.PHONY: setup test test-other-cpu test-faults test-all demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,7 +13,17 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2
+
+# The float parity tests again on other CPU kernels (torch's generic ATen kernels, XLA limited to
+# SSE4.2): their bounds must hold on any CPU, not only on the one they were written on.
+test-other-cpu: setup
+	ATEN_CPU_CAPABILITY=default XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=SSE4_2" \
+		$(BIN)/python -m pytest -q tests/test_schedules.py tests/test_samplers.py
+
+# Real processes preempted, killed, locked out and out of disk, then resumed (a few minutes).
+test-faults: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m faults
 
 test-all: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m ''

@@ -47,7 +47,13 @@ def torch_pipelines(pipeline_dirs):
 def compilation_cache(tmp_path_factory):
     """JAX's persistent compilation cache for the session: the many runs of the same tiny models
     (each run builds new jitted functions) compile each program once."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    # under pytest-xdist every worker has its own basetemp inside a shared one: share the cache
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_cache"
+    folder.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield
