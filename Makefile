@@ -9,8 +9,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-setup: $(BIN)/python
+# Installed once per change of pyproject.toml (editable: code changes need no reinstall).
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
+	touch $@
 
 test: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2
