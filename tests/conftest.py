@@ -57,3 +57,12 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model is a test failure: these errors must come before any model is loaded."""
+    def fail(*args, **kwargs):
+        raise AssertionError(f"load_pretrained{args} called before the options were checked")
+
+    monkeypatch.setattr("dreambooth_jax.models.load_pretrained", fail)

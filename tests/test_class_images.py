@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from cli_checks import one_line_error
 from dreambooth_jax.class_images import ClassImageSpec, ClassImagesError, ensure_class_images
 
 
@@ -131,22 +132,6 @@ def test_manifest_of_a_run_that_drew_nothing_is_replaced(tmp_path):
     assert calls == [[0, 1]] and json.loads((tmp_path / "manifest.json").read_text())["height"] == 8
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError(f"load_pretrained{args} called before the options were checked")
-
-    monkeypatch.setattr("dreambooth_jax.models.load_pretrained", fail)
-
-
-def _one_line_error(r) -> str:
-    assert r.exit_code in (1, 2), (r.exit_code, r.output)
-    assert isinstance(r.exception, SystemExit), f"uncaught {r.exception!r}\n{r.output}"
-    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "Traceback" not in r.output, r.output
-    return errors[0]
-
-
 @pytest.mark.parametrize("extra,fragments", [
     (["--num", "0"], ["--num", "0"]),
     (["--steps", "0"], ["--steps", "0"]),
@@ -163,7 +148,7 @@ def test_class_images_command_bad_options(tmp_path, no_model_load, extra, fragme
 
     args = ["class-images", "--model", str(tmp_path / "model"), "--class-prompt", "a dog", "--out",
             str(tmp_path / "cls"), *extra]
-    msg = _one_line_error(CliRunner().invoke(main, args))
+    msg = one_line_error(CliRunner().invoke(main, args))
     assert all(s in msg for s in fragments), msg
     assert not (tmp_path / "cls").exists()
 
@@ -177,12 +162,12 @@ def test_class_images_command_bad_out(tmp_path, no_model_load):
     f = tmp_path / "cls.txt"
     f.write_text("keep")
     base = ["class-images", "--model", str(tmp_path / "model"), "--class-prompt", "a dog", "--out"]
-    msg = _one_line_error(CliRunner().invoke(main, base + [str(f)]))
+    msg = one_line_error(CliRunner().invoke(main, base + [str(f)]))
     assert "--out" in msg and "cls.txt is a file" in msg and f.read_text() == "keep"
-    msg = _one_line_error(CliRunner().invoke(main, base + [str(f / "sub")]))
+    msg = one_line_error(CliRunner().invoke(main, base + [str(f / "sub")]))
     assert "cannot create --out" in msg
     photos = tmp_path / "photos"  # the user's own images: refused before the model is loaded
     photos.mkdir()
     Image.new("RGB", (8, 8)).save(photos / "00000.png")
-    msg = _one_line_error(CliRunner().invoke(main, base + [str(photos)]))
+    msg = one_line_error(CliRunner().invoke(main, base + [str(photos)]))
     assert "no manifest.json" in msg

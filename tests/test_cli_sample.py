@@ -7,6 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from cli_checks import one_line_error
 from dreambooth_jax.cli import main
 
 
@@ -57,25 +58,6 @@ def test_sample_missing_model(tmp_path, cache_dir):
 
 
 # ------------------------------------------------------------------ up-front checks (no model loaded)
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Loading a model is a test failure: these errors must come before any model is loaded."""
-    def fail(*args, **kwargs):
-        raise AssertionError(f"load_pretrained{args} called before the options were checked")
-
-    monkeypatch.setattr("dreambooth_jax.models.load_pretrained", fail)
-
-
-def one_line_error(r) -> str:
-    """The message of a clean CLI error (ClickException / UsageError), never an uncaught exception."""
-    assert r.exit_code in (1, 2), (r.exit_code, r.output)
-    assert isinstance(r.exception, SystemExit), f"uncaught {r.exception!r}\n{r.output}"
-    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, r.output
-    assert "Traceback" not in r.output and "loading" not in r.output, r.output
-    return errors[0]
 
 
 def sample_args(pipeline_dirs, tmp_path, *extra):

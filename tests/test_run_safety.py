@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,6 @@ def tiny_cfg(model, out: Path, **kw) -> TrainConfig:
                 num_class_images=4, class_sampler="ddim", class_steps=2, max_train_steps=4, train_batch_size=4,
                 checkpoint_every=2, log_every=1, learning_rate=1e-3, validation_prompts=[])
     return TrainConfig(**{**base, **kw})
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fail the test if a model is loaded: the checks must come first."""
-    import dreambooth_jax.models as models
-
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the bad setting was reported")
-
-    monkeypatch.setattr(models, "load_pretrained", refuse)
 
 
 # ----------------------------------------------------------------------------- values
@@ -77,7 +65,7 @@ def test_nonsense_values_are_config_errors(override, message):
     (dict(sr_model="__UNET_AS_SR__"), "is not an x4 upscaler pipeline"),
     (dict(sr_model="__UPSCALER__", sr_resolution=68), "'sr_resolution' (68) must be a multiple of"),
 ])
-def test_settings_checked_before_any_model_is_loaded(change, message, pipeline_dirs, tmp_path, no_loading):
+def test_settings_checked_before_any_model_is_loaded(change, message, pipeline_dirs, tmp_path, no_model_load):
     import jax
 
     from dreambooth_jax.training.run import run
@@ -92,7 +80,7 @@ def test_settings_checked_before_any_model_is_loaded(change, message, pipeline_d
     assert not (tmp_path / "out" / "config.json").exists()  # nothing written for a run that never started
 
 
-def test_output_dir_that_is_a_file(pipeline_dirs, tmp_path, no_loading):
+def test_output_dir_that_is_a_file(pipeline_dirs, tmp_path, no_model_load):
     from dreambooth_jax.training.run import run
 
     f = tmp_path / "taken"
@@ -118,7 +106,7 @@ def test_cli_prints_one_line(pipeline_dirs, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the run folder
-def test_run_folder_lock_history_config_and_resume(pipeline_dirs, tmp_path, no_loading, monkeypatch):
+def test_run_folder_lock_history_config_and_resume(pipeline_dirs, tmp_path, no_model_load, monkeypatch):
     """One tiny run, then everything that may happen to its folder afterwards."""
     import dreambooth_jax.models as models
     from dreambooth_jax.models import loading
