@@ -150,6 +150,8 @@ def small_disk(tmp_path):
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
+        # Mounting needs root (CI and the developers' machines run as root, where this test runs);
+        # a full disk cannot be made without it, and filling the real disk would hurt the machine.
         pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
