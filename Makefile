@@ -17,7 +17,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # The float parity tests again on other CPU kernels (torch's generic ATen kernels, XLA limited to
 # SSE4.2): their bounds must hold on any CPU, not only on the one they were written on.

@@ -57,7 +57,7 @@ class SchedulerChoice(click.Choice):
         return scheduler_names()
 
 
-_SR_ONLY = ("sr_steps", "sr_guidance", "sr_noise_level")
+_SR_ONLY = ("sr_steps", "sr_guidance", "sr_noise_level", "sr_lora", "sr_lora_scale")
 
 
 @main.command()
@@ -86,6 +86,14 @@ _SR_ONLY = ("sr_steps", "sr_guidance", "sr_noise_level")
 @click.option("--width", type=click.IntRange(min=1), default=512, show_default=True, help="As --height.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (trusted files only).")
+@click.option("--lora", multiple=True, metavar="FILE",
+              help="LoRA .safetensors file (diffusers/peft or kohya/AUTOMATIC1111 format) folded into the base "
+                   "model's UNet and text encoder; repeatable, applied in order.")
+@click.option("--lora-scale", type=float, multiple=True,
+              help="LoRA strength (times the file's alpha/rank; default 1): give it once for all --lora files, "
+                   "or once per --lora file, in the same order.")
+@click.option("--sr-lora", multiple=True, metavar="FILE", help="As --lora, for the SR model (only with --sr-model).")
+@click.option("--sr-lora-scale", type=float, multiple=True, help="As --lora-scale, for --sr-lora.")
 @click.option("--out", required=True, help="Output folder (must be new or empty).")
 @user_errors
 def sample(**kwargs):
@@ -103,7 +111,8 @@ def sample(**kwargs):
                 option = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{option} is only used by the x4 upscaling stage; add --sr-model or "
                                        f"drop {option}")
-    kwargs["prompts"] = list(kwargs["prompts"])
+    for name in ("prompts", "lora", "lora_scale", "sr_lora", "sr_lora_scale"):
+        kwargs[name] = list(kwargs[name])
     run(SampleConfig(**kwargs), progress=lambda m: click.echo(m, err=True))
 
 
@@ -144,6 +153,27 @@ def class_images(model, class_prompt, num, out, sampler, steps, guidance, size, 
                       class_steps=steps, class_guidance=guidance, resolution=size, seed=seed)
     paths = generate_class_images(cfg, load_pretrained(model), Path(out), lambda m: click.echo(m, err=True))
     click.echo(f"{len(paths)} class images in {out}")
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, help="Folder to write model/ and (LoRA runs) lora/ into.")
+@click.option("--what", type=click.Choice(["all", "model", "lora"]), default="all", show_default=True,
+              help="model: a full diffusers folder; lora: the LoRA files (diffusers + kohya); all: both.")
+@click.option("--stage", type=click.Choice(["base", "sr"]), default="base", show_default=True,
+              help="sr: the fine-tuned x4 upscaler of a run with an SR stage.")
+@click.option("--step", type=click.IntRange(min=1), default=None, help="A kept checkpoint's step (default: newest).")
+@click.option("--merge-lora/--no-merge-lora", default=True, show_default=True,
+              help="LoRA runs: the diffusers folder holds the base with the adapters merged (or the plain base).")
+@click.option("--overwrite", is_flag=True, help="Replace model/ or lora/ already in --out.")
+@user_errors
+def export(run_dir, out, what, stage, step, merge_lora, overwrite):
+    """Export a run's checkpoint (during or after training): diffusers folder, LoRA files, or both."""
+    from dreambooth_jax.training.export_run import export_run
+
+    export_run(run_dir, out, stage=stage, step=step, what=what, merge_lora=merge_lora, overwrite=overwrite,
+               log=lambda m: click.echo(m, err=True))
+    click.echo(f"exported to {out}")
 
 
 main.add_command(train, "train")

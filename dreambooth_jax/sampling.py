@@ -29,7 +29,9 @@ class SampleConfig:
     """What ``dreambooth-jax sample`` does; field names follow the CLI options.
 
     ``sr_steps``, ``sr_guidance`` and ``sr_noise_level`` are only used (and checked) with
-    ``sr_model``. ``eta`` only applies to the ``ddim`` scheduler: a non-zero eta with another
+    ``sr_model``. ``lora`` files are folded into the base model's UNet / text encoder in order,
+    ``lora_scale`` times their own alpha/rank (see :func:`lora_scales`); ``sr_lora`` into the SR
+    model's. ``eta`` only applies to the ``ddim`` scheduler: a non-zero eta with another
     scheduler is an error, not silently ignored.
     """
 
@@ -51,6 +53,10 @@ class SampleConfig:
     width: int = 512
     dtype: str = "float32"
     allow_pickle: bool = False
+    lora: list[str] = dataclasses.field(default_factory=list)  # LoRA files folded into the base model
+    lora_scale: list[float] = dataclasses.field(default_factory=list)  # none: 1; one: all files; else per file
+    sr_lora: list[str] = dataclasses.field(default_factory=list)  # the same for the SR model
+    sr_lora_scale: list[float] = dataclasses.field(default_factory=list)
 
 
 def scheduler_names() -> tuple[str, ...]:
@@ -125,6 +131,34 @@ def check_noise_level(level: object, max_level: int = DEFAULT_MAX_NOISE_LEVEL, m
         raise ConfigError(f"--sr-noise-level must be in [0, {max_level}]{where}, got {level!r}")
 
 
+def lora_scales(files: list[str], scales: list[float], option: str = "--lora") -> list[float]:
+    """One scale per LoRA file: none given -> 1.0 each, one -> that one for all, else one per file in
+    order. Raises ConfigError (naming ``option``) for another count or a non-finite scale."""
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not math.isfinite(s):
+            raise ConfigError(f"{option}-scale must be a finite number, got {s!r}")
+    if scales and not files:
+        raise ConfigError(f"{option}-scale is given without {option}")
+    if len(scales) not in (0, 1, len(files)):
+        raise ConfigError(f"give {option}-scale once (for all files) or once per {option} file: got {len(scales)} "
+                          f"scales for {len(files)} files")
+    if len(scales) <= 1:
+        return [float(scales[0]) if scales else 1.0] * len(files)
+    return [float(s) for s in scales]
+
+
+def check_lora_files(files: object, option: str = "--lora") -> None:
+    """Raise ConfigError (naming ``option`` and the path) unless ``files`` is a list of existing files."""
+    if isinstance(files, (str, Path)) or not isinstance(files, (list, tuple)):
+        raise ConfigError(f"{option} must be a list of LoRA file paths, got {files!r}")
+    for f in files:
+        path = Path(f).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"{option} {f} is a folder; give the LoRA .safetensors file")
+        if not path.is_file():
+            raise ConfigError(f"{option} {f}: no such file")
+
+
 def check_sample_config(cfg: SampleConfig) -> None:
     """Check every option that does not need the models; raise ConfigError naming the option.
 
@@ -147,6 +181,12 @@ def check_sample_config(cfg: SampleConfig) -> None:
         check_count(cfg.sr_steps, "--sr-steps")
         check_guidance(cfg.sr_guidance, "--sr-guidance")
         check_noise_level(cfg.sr_noise_level)  # the model's own maximum is checked in run()
+    elif cfg.sr_lora or cfg.sr_lora_scale:
+        option = "--sr-lora" if cfg.sr_lora else "--sr-lora-scale"
+        raise ConfigError(f"{option} is only used by the x4 upscaling stage; add --sr-model or drop {option}")
+    for option, files, scales in (("--lora", cfg.lora, cfg.lora_scale), ("--sr-lora", cfg.sr_lora, cfg.sr_lora_scale)):
+        check_lora_files(files, option)
+        lora_scales(list(files), list(scales), option)
 
 
 def check_output_folder(path: str | Path, what: str = "--out") -> Path:
@@ -197,6 +237,41 @@ def _model_index(model: str, option: str) -> tuple[Path, dict]:
     return root, index
 
 
+def read_lora_files(files: list[str], scales: list[float], option: str) -> list[tuple[str, dict, float]]:
+    """[(file, read_lora(file), scale)]: each file parsed (not yet matched to a model), before any model loads."""
+    if not files:
+        return []
+    from dreambooth_jax.models.lora_io import COMPONENTS, read_lora
+
+    out = []
+    for f, scale in zip(files, lora_scales(list(files), list(scales), option)):
+        try:
+            adapters = read_lora(Path(f).expanduser())
+        except DreamboothError as e:
+            raise type(e)(f"{option}: {e}") from None
+        other = sorted(set(adapters) - set(COMPONENTS))
+        if other:
+            raise ConfigError(f"{option} {f} holds adapters for {', '.join(other)}, which a Stable Diffusion "
+                              f"pipeline does not have (a LoRA for another model family?)")
+        out.append((str(f), adapters, scale))
+    return out
+
+
+def apply_lora_files(pipe, loras: list[tuple[str, dict, float]], option: str, progress=print) -> None:
+    """Fold each LoRA into ``pipe``'s UNet / text encoder in place (the pipeline's models are replaced)."""
+    from dreambooth_jax.models.lora_io import apply_lora
+
+    for f, adapters, scale in loras:
+        layers = ", ".join(f"{len(w)} {c} layers" for c, w in adapters.items())
+        progress(f"applying LoRA {f} (scale {scale:g}; {layers})")
+        for component, weights in adapters.items():
+            try:
+                model = apply_lora(getattr(pipe, component), weights, scale, source=f, component=component)
+            except DreamboothError as e:
+                raise type(e)(f"{option}: {e}") from None
+            setattr(pipe, component, model)
+
+
 def enable_compilation_cache(path: str | None = None) -> None:
     """JAX's persistent compilation cache, so a second run does not recompile."""
     import jax
@@ -216,9 +291,10 @@ def run(cfg: SampleConfig, progress=print) -> dict:
 
     Order: options (:func:`check_sample_config`), the output folder, the model folders (that
     they exist; ``model`` is text-to-image, ``sr_model`` an x4 upscaler, ``sr_noise_level``
-    within its max_noise_level), then both models are loaded and the image size is checked
-    against the base model's multiple, and only then is anything sampled or the output folder
-    created. Errors are :class:`ConfigError` / :class:`DreamboothError` with one-line messages.
+    within its max_noise_level) and the LoRA files (that they are LoRA files), then both models
+    are loaded, the LoRAs folded in (their layers and shapes checked) and the image size is
+    checked against the base model's multiple, and only then is anything sampled or the output
+    folder created. Errors are :class:`ConfigError` / :class:`DreamboothError` with one-line messages.
     """
     check_sample_config(cfg)
     out = check_output_folder(cfg.out, "--out")
@@ -243,6 +319,8 @@ def run(cfg: SampleConfig, progress=print) -> dict:
             raise ConfigError(f"--sr-model {cfg.sr_model}: max_noise_level in model_index.json is not a number: "
                               f"{sr_index.get('max_noise_level')!r}") from None
         check_noise_level(cfg.sr_noise_level, max_level, cfg.sr_model)
+    loras = read_lora_files(cfg.lora, cfg.lora_scale, "--lora")
+    sr_loras = read_lora_files(cfg.sr_lora, cfg.sr_lora_scale, "--sr-lora")
     notes = [guidance_note(cfg.guidance, "--guidance")]
     if cfg.sr_model:
         notes.append(guidance_note(cfg.sr_guidance, "--sr-guidance"))
@@ -267,6 +345,7 @@ def run(cfg: SampleConfig, progress=print) -> dict:
     timings = {}
     progress(f"loading {cfg.model}")
     pipe = load_pretrained(str(base_root), opts, allow_pickle=cfg.allow_pickle)
+    apply_lora_files(pipe, loras, "--lora", progress)
     base = BaseSampler(pipe, sampler=cfg.scheduler, steps=cfg.steps, mesh=mesh)
     try:  # the size's multiple depends on the model: checked before the SR model is loaded
         latents = base.initial_latents(n, cfg.height, cfg.width, cfg.seed)  # what base() would draw
@@ -276,6 +355,7 @@ def run(cfg: SampleConfig, progress=print) -> dict:
     if cfg.sr_model:  # loaded before sampling: a bad SR model must not cost a base-stage run
         progress(f"loading SR model {cfg.sr_model}")
         sr_pipe = load_pretrained(str(sr_root), opts, allow_pickle=cfg.allow_pickle)
+        apply_lora_files(sr_pipe, sr_loras, "--sr-lora", progress)
         sr = UpscaleSampler(sr_pipe, sampler=cfg.scheduler, steps=cfg.sr_steps, mesh=mesh)
     try:
         out.mkdir(parents=True, exist_ok=True)

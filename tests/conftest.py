@@ -8,7 +8,9 @@ import torch
 
 # Parity is measured against float32 PyTorch: ask XLA for full-precision matmuls on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
-torch.set_num_threads(2)
+# One thread per pytest worker (make test runs 2 workers on 2 cores): with more, the tiny models'
+# forwards wait on oversubscribed OpenMP threads for seconds.
+torch.set_num_threads(1)
 
 FAMILIES = ("sd1", "sd2", "upscaler")
 

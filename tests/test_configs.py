@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -16,21 +17,29 @@ from click.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SUBJECT = ROOT / "dreambooth_jax" / "assets" / "subjects" / "dog"
-# config -> (tiny base family, tiny SR family or None); None: the config's own (shipped) model
+# config -> (tiny base family, tiny SR family or None)
 FAMILY = {
     "sd15": ("sd1", None),
+    "sd15-lora": ("sd1", None),
+    "sd15-16gb": ("sd1", None),
     "sd21-base": ("sd2", None),
     "sd21-768-v": ("sd2-v", None),
     "x4-upscaler-sr": ("sd1", "upscaler"),
-    "tiny": ("sd1", None),
-    "toy": (None, None),
+    "toy": (None, None),  # the config's own (shipped) toy models
 }
+# configs run end to end by another test (as shipped, sizes made small, with more checks): not run twice
+COVERED = {
+    "tiny": ("test_train_e2e.py", "test_tiny_yaml_end_to_end"),
+}
+RUN = [p for p in CONFIGS if p.stem not in COVERED]
 # Only sizes and counts change; every other key keeps its shipped value.
 SMALL = dict(max_train_steps=2, sr_max_train_steps=2, class_steps=2, validation_steps=2, checkpoint_every=1)
 
 
 def test_every_config_is_covered():
-    assert sorted(p.stem for p in CONFIGS) == sorted(FAMILY), "add the new config to FAMILY"
+    assert sorted(p.stem for p in CONFIGS) == sorted({**FAMILY, **COVERED}), "add the new config to FAMILY"
+    for file, test in COVERED.values():
+        assert f"def {test}(" in (ROOT / "tests" / file).read_text(), (file, test)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +57,17 @@ def family_dir(pipeline_dirs, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_config_runs_as_shipped(config, family_dir, tmp_path):
+@pytest.fixture(scope="module")
+def class_cache(tmp_path_factory):
+    """One class-image folder per (model family, sampler): the first config of a family draws the
+    images (and writes the manifest), the others of the same settings reuse them, as a user's
+    runs sharing a class_dir do; saves a sampler compile per config."""
+    root = tmp_path_factory.mktemp("class_images")
+    return lambda family, sampler: root / f"{family}-{sampler}"
+
+
+@pytest.mark.parametrize("config", RUN, ids=[p.stem for p in RUN])
+def test_shipped_config_runs_as_shipped(config, family_dir, class_cache, tmp_path):
     from dreambooth_jax.cli import main
     from dreambooth_jax.models import load_pretrained
 
@@ -57,10 +75,13 @@ def test_shipped_config_runs_as_shipped(config, family_dir, tmp_path):
     base, sr = FAMILY[config.stem]
     over = dict(SMALL, output_dir=str(tmp_path / "run"))
     if base:
-        over.update(model=str(family_dir(base)), instance_dir=str(SUBJECT), resolution=32)
+        over.update(model=str(family_dir(base)), instance_dir=str(SUBJECT), resolution=32,
+                    class_dir=str(class_cache(base, shipped.get("class_sampler", "ddpm"))))
     if sr:
         over.update(sr_model=str(family_dir(sr)), sr_resolution=64)
     batch = shipped.get("train_batch_size", 1)
+    if 2 * batch % jax.device_count():  # a one-device config on the 8 simulated devices: a batch that splits
+        batch = over["train_batch_size"] = jax.device_count() // 2
     over["num_class_images"] = max(batch, 4)
     args = ["train", "--config", str(config)] + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
                                                 for k, v in over.items()]
@@ -71,11 +92,14 @@ def test_shipped_config_runs_as_shipped(config, family_dir, tmp_path):
     for key, value in shipped.items():  # nothing but sizes, counts and paths was changed
         if key not in over:
             assert saved[key] == value, key
-    assert sorted((out / "class_images").glob("*.png")), "class images were generated"
+    class_dir = Path(saved["class_dir"]) if saved["class_dir"] else out / "class_images"
+    assert json.loads((class_dir / "manifest.json").read_text())["count"] >= 4, "class images were generated"
     assert json.loads((out / "base" / "metrics.json").read_text())[-1]["step"] == 2
     if saved["validation_prompts"]:
         assert (out / "base" / "validation" / "step_000002.png").is_file()
     load_pretrained(out / "model", components=("unet",))
+    if saved["lora_rank"]:
+        assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     if saved["sr_model"]:
         assert json.loads((out / "sr" / "metrics.json").read_text())[-1]["step"] == 2
         assert load_pretrained(out / "sr_model", components=("unet", "scheduler")).is_upscaler

@@ -23,12 +23,26 @@ class Conv2d(nnx.Conv):
         super().__init__(cin, cout, (kernel, kernel), strides=(stride, stride),
                          padding=((padding, padding), (padding, padding)), use_bias=use_bias,
                          dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+        self.lora = nnx.data(None)  # a models.lora.LoRA adapter, when one is attached
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        if self.lora is not None:
+            y = y + self.lora(x, y.dtype, conv=(self.strides, self.padding))
+        return y
 
 
 class Linear(nnx.Linear):
     def __init__(self, cin: int, cout: int, opts: ModelOptions, *, rngs: nnx.Rngs, use_bias: bool = True):
         super().__init__(cin, cout, use_bias=use_bias, dtype=opts.dtype,
                          param_dtype=opts.param_dtype, rngs=rngs)
+        self.lora = nnx.data(None)  # a models.lora.LoRA adapter, when one is attached
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        if self.lora is not None:
+            y = y + self.lora(x, y.dtype)
+        return y
 
 
 class GroupNorm(nnx.GroupNorm):

@@ -29,6 +29,9 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 

@@ -43,10 +43,19 @@ class TrainConfig:
     train_text_encoder: bool = False
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
+    # --- LoRA (lora_rank 0: full fine-tuning)
+    lora_rank: int = 0  # adapter rank; > 0 trains LoRA adapters only, the base weights stay frozen
+    lora_alpha: float | None = None  # adapter scale is lora_alpha / lora_rank; null: alpha = rank
+    lora_targets: str = "attention"  # attention (to_q/k/v/out.0) | attention+ff | all (every linear+conv) | names
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_text_encoder: bool = False  # also adapters on the text encoder's q/k/v/out_proj (trained)
+    lora_init: str = "gaussian"  # gaussian down / zero up: step 0 computes the base model exactly
     # --- optimisation
     max_train_steps: int = 1000
     train_batch_size: int = 1  # instance images per step (the same number of class images is added)
     learning_rate: float = 5e-6
+    optimizer: str = "adamw"  # adamw (fp32 moments) | adafactor (factored moments: ~1/3 of AdamW's state memory)
+    memory: str = ""  # "" | 16gb: full fine-tuning of SD1.5 at 512 px on one 16 GB chip (see README)
     lr_schedule: str = "constant"  # constant | warmup_constant | cosine
     lr_warmup_steps: int = 0
     adam_b1: float = 0.9
@@ -100,6 +109,12 @@ def check(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key '{f.name}': expected {names}, got {v!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config key 'dtype': {cfg.dtype!r} is not float32 or bfloat16")
+    from dreambooth_jax.training.state import OPTIMIZERS
+
+    _choice(cfg, "optimizer", OPTIMIZERS)
+    _choice(cfg, "memory", ("", "16gb"))
+    if cfg.memory == "16gb":
+        apply_memory_preset(cfg)
     _choice(cfg, "lr_schedule", ("constant", "warmup_constant", "cosine"))
     _choice(cfg, "export_dtype", ("", "float32", "float16", "bfloat16"))
     from dreambooth_jax.diffusion.samplers import SAMPLER_NAMES
@@ -136,9 +151,34 @@ def check(cfg: TrainConfig) -> None:
     if not all(isinstance(p, str) and p.strip() for p in cfg.validation_prompts):
         raise ConfigError(f"config key 'validation_prompts' must be a list of non-empty strings, "
                           f"got {cfg.validation_prompts!r}")
+    _at_least(cfg, "lora_rank", 0, " (0 = full fine-tuning)")
+    if cfg.lora_alpha is not None and not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        raise ConfigError(f"config key 'lora_alpha' must be a number > 0 (or null for alpha = rank), got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"config key 'lora_dropout' must be in [0, 1), got {cfg.lora_dropout}")
+    _choice(cfg, "lora_init", ("gaussian",))
+    if not cfg.lora_targets.strip():
+        raise ConfigError("config key 'lora_targets' is empty (presets: attention, attention+ff, all)")
+    if cfg.lora_rank == 0 and cfg.lora_text_encoder:
+        raise ConfigError("config key 'lora_text_encoder' needs lora_rank > 0 (LoRA mode); for full fine-tuning "
+                          "of the text encoder set train_text_encoder: true")
+    if cfg.lora_rank > 0 and cfg.train_text_encoder:
+        raise ConfigError("with lora_rank > 0 the text encoder is trained through adapters: set "
+                          "lora_text_encoder: true instead of train_text_encoder")
     for key in ("instance_prompt", "class_prompt"):
         if not getattr(cfg, key).strip():
             raise ConfigError(f"config key '{key}' is empty")
+
+
+def apply_memory_preset(cfg: TrainConfig) -> None:
+    """memory: 16gb -- bf16 compute, remat and (full fine-tuning) Adafactor instead of AdamW; EMA is
+    refused (a second fp32 copy of the model). Measured in the README's memory table."""
+    if cfg.ema_decay is not None:
+        raise ConfigError("memory: 16gb keeps no EMA copy of the weights (another fp32 model); remove ema_decay "
+                          "or the preset")
+    cfg.dtype, cfg.remat = "bfloat16", True
+    if cfg.optimizer == "adamw" and not cfg.lora_rank:
+        cfg.optimizer = "adafactor"
 
 
 def _choice(cfg: TrainConfig, key: str, allowed: tuple) -> None:

@@ -90,6 +90,13 @@ def structural_changes(old: dict, new: dict, stage: str) -> list[str]:
     out = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if k in old and old[k] != new[k]]
     if stage == "base" and old.get("train_text_encoder", False) != new["train_text_encoder"]:
         out.append(f"train_text_encoder: {old.get('train_text_encoder')} -> {new['train_text_encoder']}")
+    for k, default in (("lora_rank", 0), ("lora_targets", "attention"), ("lora_text_encoder", False)):
+        if k == "lora_text_encoder" and stage == "sr":
+            continue
+        if old.get(k, default) != new[k] and (k == "lora_rank" or new["lora_rank"]):
+            out.append(f"{k}: {old.get(k, default)!r} -> {new[k]!r} (the adapters are the saved state)")
+    if old.get("optimizer", "adamw") != new["optimizer"]:
+        out.append(f"optimizer: {old.get('optimizer', 'adamw')} -> {new['optimizer']} (its state is saved)")
     if (old.get("ema_decay") is None) != (new["ema_decay"] is None):
         out.append(f"ema_decay: {old.get('ema_decay')} -> {new['ema_decay']} (EMA weights are part of the state)")
     if (old.get("grad_accum", 1) > 1) != (new["grad_accum"] > 1):

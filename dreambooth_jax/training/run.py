@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from dreambooth_jax.errors import DreamboothError
+from dreambooth_jax.models.lora import LoRAParam, has_lora
 from dreambooth_jax.training.checkpoint import Checkpointer, Preempted, StopSignal, abstract_like
 from dreambooth_jax.training.config import TrainConfig
 from dreambooth_jax.training.rundir import MetricsLog, config_dict
@@ -121,6 +122,29 @@ def train_stage(unet, schedule, data: StageData, n_inst: int, cfg: TrainConfig, 
     return (trained["unet"] if text_encoder is None else trained), history
 
 
+def split_trainable(models: dict, compute_dtype) -> tuple[dict, dict, dict, dict]:
+    """(graphdefs, trained params, frozen step arguments, host base) per model: a model with LoRA
+    adapters trains them alone and its base enters the step frozen in the compute dtype (the
+    fp32 base is kept as ``host base`` for the export); any other model trains all its params."""
+    graphdefs, params, frozen, host_base = {}, {}, {}, {}
+    for name, m in models.items():
+        if has_lora(m):
+            view = nnx.merge(*nnx.split(m))
+            view.train()  # LoRA dropout on in the step (the caller's model stays in eval mode)
+            graphdefs[name], params[name], host_base[name] = nnx.split(view, LoRAParam, ...)
+            frozen[name] = jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                                        else a, host_base[name])
+        else:
+            graphdefs[name], params[name] = nnx.split(m, nnx.Param)
+    return graphdefs, params, frozen, host_base
+
+
+def optimizer_for(cfg: TrainConfig, lr: float, steps: int) -> optax.GradientTransformation:
+    return make_optimizer(lr_schedule(cfg, lr, steps), weight_decay=cfg.weight_decay, b1=cfg.adam_b1,
+                          b2=cfg.adam_b2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum,
+                          optimizer=cfg.optimizer)
+
+
 def train_loop(models: dict, schedule, batch_fn: Callable[[int], dict], cfg: TrainConfig, step_cfg: StepConfig, *,
                lr: float, steps: int, out_dir: Path, low_res_schedule=None,
                log: Callable[[str], None] = print, on_step: Callable | None = None,
@@ -140,21 +164,22 @@ def train_loop(models: dict, schedule, batch_fn: Callable[[int], dict], cfg: Tra
         raise DreamboothError(f"global batch {global_b} does not split over {mesh.size} devices; set "
                               f"train_batch_size so that the batch (doubled with prior preservation) is a "
                               f"multiple of {mesh.size}")
-    split = {name: nnx.split(m, nnx.Param) for name, m in models.items()}
-    params = {name: p for name, (_, p) in split.items()}
-    tx = make_optimizer(lr_schedule(cfg, lr, steps), weight_decay=cfg.weight_decay, b1=cfg.adam_b1,
-                        b2=cfg.adam_b2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum)
+    compute_dtype = jnp.dtype(cfg.dtype)
+    graphdefs, params, frozen, host_base = split_trainable(models, compute_dtype)
+    tx = optimizer_for(cfg, lr, steps)
     ema = step_cfg.ema_decay is not None
     abstract = jax.eval_shape(lambda p: init_state(p, tx, ema), params)
     shardings = param_shardings(abstract, mesh)
     state = jax.jit(lambda p: init_state(p, tx, ema), out_shardings=shardings)(params)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host0.items()}
-    text_graphdef = split["text_encoder"][0] if "text_encoder" in split else None
-    step_cfg = dataclasses.replace(step_cfg, train_text_encoder=text_graphdef is not None)
-    step_fn = make_train_step(split["unet"][0], schedule, tx, step_cfg, text_graphdef=text_graphdef,
+    abstract_frozen = jax.eval_shape(lambda f: f, frozen)
+    frozen = jax.device_put(frozen, param_shardings(abstract_frozen, mesh))
+    if compute_dtype != jnp.float32:  # cast trained kernels on their shards: fsdp gathers bf16
+        step_cfg = dataclasses.replace(step_cfg, cast_params=compute_dtype.name)
+    step_fn = make_train_step(graphdefs["unet"], schedule, tx, step_cfg, text_graphdef=graphdefs.get("text_encoder"),
                               low_res_schedule=low_res_schedule)
     t0 = time.perf_counter()
-    compiled = jit_train_step(step_fn, abstract, abstract_batch, {}, mesh)
+    compiled = jit_train_step(step_fn, abstract, abstract_batch, abstract_frozen, mesh)
     log(f"compiled train step in {time.perf_counter() - t0:.1f}s on {mesh.size} device(s) "
         f"(mesh {dict(mesh.shape)}), global batch {global_b}")
     ckpt = Checkpointer(out_dir / "checkpoints", keep=cfg.keep_checkpoints)
@@ -190,7 +215,7 @@ def train_loop(models: dict, schedule, batch_fn: Callable[[int], dict], cfg: Tra
                 raise Preempted()
             for step in range(start, steps):
                 batch = global_batch(batch_fn(step), mesh)
-                state, metrics = compiled(state, batch, rng, {})
+                state, metrics = compiled(state, batch, rng, frozen)
                 done = step + 1
                 m = None
                 saving = done % cfg.checkpoint_every == 0 or done == steps or stop.requested
@@ -230,7 +255,12 @@ def train_loop(models: dict, schedule, batch_fn: Callable[[int], dict], cfg: Tra
 
         final = multihost_utils.process_allgather(final, tiled=True)
     final = jax.device_get(final)
-    return {name: nnx.merge(split[name][0], final[name]) for name in models}, history
+    out = {}
+    for name in models:
+        parts = [final[name]] + ([host_base[name]] if name in host_base else [])
+        out[name] = nnx.merge(graphdefs[name], *parts)
+        out[name].eval()  # LoRA dropout off
+    return out, history
 
 
 def _config_fingerprint(cfg: TrainConfig) -> dict:
@@ -415,8 +445,13 @@ def make_validator(cfg: TrainConfig, pipe, folder: Path, log):
             holder["sampler"] = BaseSampler(pipe, sampler="ddim", steps=cfg.validation_steps)
         sampler = holder["sampler"]
         # Host copy: the sampler's other params live on one device, the trained ones on the mesh.
-        trained = {k: nnx.state(m) for k, m in final.items()} if last else state.params
-        sampler.params = dict(sampler.params, **jax.device_get(trained))
+        trained = jax.device_get({k: nnx.state(m) for k, m in final.items()} if last else state.params)
+        params = dict(sampler.params)
+        for name, part in trained.items():  # the whole model, or only its adapters (LoRA)
+            m = nnx.merge(sampler.graphdefs[name], params[name])
+            nnx.update(m, part)
+            params[name] = nnx.state(m)
+        sampler.params = params
         res = sampler(cfg.validation_prompts, height=cfg.resolution, width=cfg.resolution,
                       seed=cfg.validation_seed, guidance=7.5)
         folder.mkdir(parents=True, exist_ok=True)
@@ -472,7 +507,7 @@ def _check_stop(stop: StopSignal, log, what: str) -> None:
 
 def _run(cfg: TrainConfig, folders: dict, out_dir: Path, stop: StopSignal, log) -> Path:
     from dreambooth_jax.diffusion.schedules import schedule_from_config
-    from dreambooth_jax.models import ModelOptions, export_pipeline, load_pretrained
+    from dreambooth_jax.models import ModelOptions, load_pretrained
 
     opts = ModelOptions(dtype=jnp.dtype(cfg.dtype), remat=cfg.remat, attention=cfg.attention)
     inst = _load_instance_images(cfg.instance_dir, cfg.resolution, cfg.flip, cfg.center_crop, cfg.seed)
@@ -480,6 +515,8 @@ def _run(cfg: TrainConfig, folders: dict, out_dir: Path, stop: StopSignal, log) 
     pipe = load_pretrained(folders["model"], opts)
     vcfg = pipe.vae.config
     _check_stop(stop, log, "while loading the model")
+    _add_adapters(cfg, pipe, log)
+    text_trained = cfg.train_text_encoder or cfg.lora_text_encoder
     images = [inst]
     if cfg.with_prior_preservation:
         cls = _class_images(cfg, pipe, out_dir, log, stop=stop)
@@ -489,7 +526,7 @@ def _run(cfg: TrainConfig, folders: dict, out_dir: Path, stop: StopSignal, log) 
     mean, logvar = encode_images(pipe.vae, all_images)
     is_class = np.arange(len(all_images)) >= len(inst)
     prompts = [cfg.instance_prompt, cfg.class_prompt]
-    if cfg.train_text_encoder:  # the step runs the text encoder on the ids, with gradients
+    if text_trained:  # the step runs the text encoder on the ids, with gradients
         from dreambooth_jax.models.loading import tokenize
 
         data = StageData(mean, logvar, is_class, None,
@@ -503,18 +540,16 @@ def _run(cfg: TrainConfig, folders: dict, out_dir: Path, stop: StopSignal, log) 
     validate = make_validator(cfg, pipe, out_dir / "base" / "validation", log)
     trained, history = train_stage(pipe.unet, schedule, data, len(inst), cfg, step_cfg, lr=cfg.learning_rate,
                                    steps=cfg.max_train_steps, out_dir=out_dir / "base", log=log, on_step=validate,
-                                   text_encoder=pipe.text_encoder if cfg.train_text_encoder else None, stop=stop)
-    trained = trained if cfg.train_text_encoder else {"unet": trained}
+                                   text_encoder=pipe.text_encoder if text_trained else None, stop=stop)
+    trained = trained if text_trained else {"unet": trained}
     validate(cfg.max_train_steps, None, None, final=trained)
     exported = out_dir / "model"
     if jax.process_index() == 0:
         _write_json(out_dir / "base" / "metrics.json", history)
-        export_pipeline(pipe.path, exported, trained, overwrite=True, dtype=cfg.export_dtype or None)
-        log(f"exported the fine-tuned model to {exported}")
+        _export(cfg, pipe.path, exported, out_dir / "lora", trained, log)
     if cfg.sr_model:
         _check_stop(stop, log, "after the base stage")
-        sr_exported = run_sr_stage(cfg, opts, out_dir, log, stop=stop, folder=folders["sr_model"])
-        log(f"exported the fine-tuned SR model to {sr_exported}")
+        run_sr_stage(cfg, opts, out_dir, log, stop=stop, folder=folders["sr_model"])
     return exported
 
 
@@ -530,11 +565,12 @@ def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log, *, stop: StopSignal
     low-res noise augmentation lowered to ``sr_noise_level`` (the paper lowers it so that fine
     subject texture survives), plus class pairs for prior preservation."""
     from dreambooth_jax.diffusion.schedules import schedule_from_config
-    from dreambooth_jax.models import export_pipeline, load_pretrained
+    from dreambooth_jax.models import load_pretrained
 
     pipe = load_pretrained(folder or cfg.sr_model, opts)
     if not pipe.is_upscaler:
         raise DreamboothError(f"sr_model {cfg.sr_model} is not an x4 upscaler pipeline (no low_res_scheduler)")
+    _add_adapters(cfg, pipe, log, text_encoder=False)
     hi = _load_instance_images(cfg.instance_dir, cfg.sr_resolution, cfg.flip, cfg.center_crop, cfg.seed)
     images = [hi]
     if cfg.with_prior_preservation:
@@ -556,5 +592,55 @@ def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log, *, stop: StopSignal
                                 stop=stop)
     if jax.process_index() == 0:
         _write_json(out_dir / "sr" / "metrics.json", history)
-        export_pipeline(pipe.path, out_dir / "sr_model", {"unet": unet}, overwrite=True, dtype=cfg.export_dtype or None)
+        _export(cfg, pipe.path, out_dir / "sr_model", out_dir / "sr_lora", {"unet": unet}, log)
     return out_dir / "sr_model"
+
+
+def lora_spec(cfg: TrainConfig, component: str = "unet"):
+    """The adapters of ``component`` for this config (None: full fine-tuning)."""
+    from dreambooth_jax.models.lora import TEXT_ENCODER_ATTENTION, LoRASpec, resolve_targets
+
+    if not cfg.lora_rank:
+        return None
+    targets = TEXT_ENCODER_ATTENTION if component == "text_encoder" else resolve_targets(cfg.lora_targets)
+    return LoRASpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=targets, dropout=cfg.lora_dropout,
+                    init=cfg.lora_init)
+
+
+def _add_adapters(cfg: TrainConfig, pipe, log, text_encoder: bool = True) -> None:
+    """LoRA mode: adapters on the UNet (and the text encoder with lora_text_encoder), in place."""
+    from dreambooth_jax.models.lora import add_lora, adapter_count
+
+    spec = lora_spec(cfg)
+    if spec is None:
+        return
+    names = add_lora(pipe.unet, spec, seed=cfg.seed)
+    what = f"{len(names)} UNet layers ({cfg.lora_targets})"
+    n = adapter_count(pipe.unet)
+    if text_encoder and cfg.lora_text_encoder:
+        te = add_lora(pipe.text_encoder, lora_spec(cfg, "text_encoder"), seed=cfg.seed + 1, component="text_encoder")
+        what += f" and {len(te)} text-encoder layers"
+        n += adapter_count(pipe.text_encoder)
+    total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(pipe.unet, nnx.Param)))
+    log(f"LoRA rank {spec.rank}, alpha {spec.rank if spec.alpha is None else spec.alpha} on {what}: "
+        f"{n / 1e6:.2f} M trainable parameters ({100 * n / max(total, 1):.2f}% of the UNet)")
+
+
+def _export(cfg: TrainConfig, source: Path, folder: Path, lora_folder: Path, trained: dict, log) -> None:
+    """The fine-tuned diffusers folder (adapters merged); in LoRA mode also the adapter files:
+    diffusers' pytorch_lora_weights.safetensors and the kohya layout (A1111 / ComfyUI)."""
+    from dreambooth_jax.models import export_pipeline
+    from dreambooth_jax.models.lora import has_lora, merge_lora
+
+    if any(has_lora(m) for m in trained.values()):
+        from dreambooth_jax.models.lora_io import save_lora
+
+        lora_folder.mkdir(parents=True, exist_ok=True)
+        adapted = {k: m for k, m in trained.items() if has_lora(m)}
+        save_lora(lora_folder / "pytorch_lora_weights.safetensors", adapted, format="diffusers", overwrite=True)
+        save_lora(lora_folder / "lora_kohya.safetensors", adapted, format="kohya", overwrite=True)
+        log(f"exported the LoRA adapters to {lora_folder} (diffusers: pytorch_lora_weights.safetensors, "
+            "kohya / A1111 / ComfyUI: lora_kohya.safetensors)")
+        trained = {k: merge_lora(m) for k, m in trained.items()}
+    export_pipeline(source, folder, trained, overwrite=True, dtype=cfg.export_dtype or None)
+    log(f"exported the fine-tuned model{' (adapters merged)' if cfg.lora_rank else ''} to {folder}")

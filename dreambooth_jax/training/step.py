@@ -8,7 +8,7 @@ as arguments, never closed over, so one compiled step serves any weights of that
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +16,9 @@ import optax
 from flax import nnx
 
 from dreambooth_jax.diffusion import schedules
+from dreambooth_jax.models.lora import LoRAKey, set_dropout_keys
 from dreambooth_jax.training.loss import min_snr_weights, prior_preservation_loss
-from dreambooth_jax.sharding import batch_sharding, param_shardings, replicated
+from dreambooth_jax.sharding import MIN_SHARD_SIZE, batch_sharding, param_shardings, replicated
 from dreambooth_jax.training.state import TrainState
 
 
@@ -29,10 +30,13 @@ class StepConfig:
     min_snr_gamma: float | None = None  # None: plain MSE
     offset_noise: float = 0.0  # std of a per-channel constant added to the noise
     ema_decay: float | None = None  # None: no EMA
-    train_text_encoder: bool = False
     sr_noise_level: int | None = None  # x4 upscaler: low-res noise augmentation level (class label)
     sr_noise_random: bool = False  # draw each example's level uniformly from [0, sr_noise_level] (pretraining)
     latent_scale: float = 0.18215  # VAE scaling_factor
+    # Compute dtype of the trained weight matrices / kernels, cast on their fsdp shards before the
+    # model runs (so the all-gather moves and holds bf16, not fp32); None: float32 compute. The layers
+    # cast kernels to the compute dtype anyway, so the forward is unchanged.
+    cast_params: str | None = None
     latent_shift: float = 0.0
 
 
@@ -69,19 +73,37 @@ def make_train_step(unet_graphdef: nnx.GraphDef, schedule, tx: optax.GradientTra
 
     batch: latent_mean/latent_logvar (B, h, w, C) from the frozen VAE, is_class (B,), and either
     ``context`` (B, L, D) precomputed text embeddings or ``input_ids`` (B, L) when the text
-    encoder is trained; ``low_res`` (B, h, w, 3) for the upscaler. frozen: {'text_encoder': state}
-    when the text encoder is frozen but ids are given, else {}.
+    encoder runs in the step; ``low_res`` (B, h, w, 3) for the upscaler.
+    state.params: {'unet': ..., optionally 'text_encoder': ...}, what is trained: a whole model's
+    parameters, or only its LoRA adapters. frozen: {name: the rest of that model} for every model
+    that is not trained whole: its frozen base (in the compute dtype) beside the adapters in
+    state.params, or all of it for a frozen text encoder that gets ids. A model's graphdef must
+    come from ``nnx.split(model, <trained filter>, ...)`` in that order.
     """
     prediction_type = schedule.prediction_type
+    _MODEL_INDEX = {"unet": 0, "text_encoder": 1}
+    graphdefs = {"unet": unet_graphdef, "text_encoder": text_graphdef}
+
+    def model(name, params, frozen, key):
+        # tree.map rebuilds the frozen part's Variables at this trace level: merged as they come (created
+        # outside jax.grad), a lifted nnx.remat inside the model could not update them
+        parts = [jax.tree.map(lambda a: a, p[name]) for p in (params, frozen) if name in p]
+        if cfg.cast_params is not None and name in params:
+            parts[0] = jax.tree.map(lambda a: _cast_weight(a, cfg.cast_params), parts[0])
+        m = nnx.merge(graphdefs[name], *parts)
+        keys = nnx.state(m, LoRAKey)
+        if jax.tree.leaves(keys):  # LoRA dropout: fresh masks every step
+            nnx.update(m, set_dropout_keys(keys, jax.random.key_data(jax.random.fold_in(key, _MODEL_INDEX[name]))))
+        return m
 
     def loss_fn(params, frozen, batch, key):
+        k_model = jax.random.fold_in(key, 7)  # dropout masks; key itself as before (noise, timesteps)
         if "input_ids" in batch:
-            te_state = params["text_encoder"] if cfg.train_text_encoder else frozen["text_encoder"]
-            context, _ = nnx.merge(text_graphdef, te_state)(batch["input_ids"])
+            context, _ = model("text_encoder", params, frozen, k_model)(batch["input_ids"])
         else:
             context = batch["context"]
         noisy, t, labels, target, snr = _denoise_inputs(cfg, schedule, low_res_schedule, batch, key)
-        pred = nnx.merge(unet_graphdef, params["unet"])(noisy, t, context, class_labels=labels)
+        pred = model("unet", params, frozen, k_model)(noisy, t, context, class_labels=labels)
         weights = None if cfg.min_snr_gamma is None else min_snr_weights(snr, cfg.min_snr_gamma, prediction_type)
         return prior_preservation_loss(pred, target, batch["is_class"], cfg.prior_loss_weight, weights)
 
@@ -98,6 +120,13 @@ def make_train_step(unet_graphdef: nnx.GraphDef, schedule, tx: optax.GradientTra
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
     return step
+
+
+def _cast_weight(a: jax.Array, dtype: str) -> jax.Array:
+    """Weight matrices and kernels (the arrays fsdp shards) in ``dtype``; norms and biases stay fp32."""
+    if a.ndim >= 2 and a.size >= MIN_SHARD_SIZE and jnp.issubdtype(a.dtype, jnp.floating):
+        return a.astype(dtype)
+    return a
 
 
 def jit_train_step(step: Callable, abstract_state: TrainState, abstract_batch: dict,
