@@ -23,6 +23,10 @@ versions (``python -c "import jax, flax; print(jax.__version__, flax.__version__
     python3 -m venv /tmp/venv039 && /tmp/venv039/bin/pip install diffusers==0.39.0 \\
         transformers==4.57.6 "jax[cpu]==<same as ours>" "flax==<same as ours>"
 
+LoRA rows (``--lora-rank``, default 16): our LoRA step (adapters on to_q/k/v/out.0, the frozen base
+a step argument in the compute dtype, AdamW on the adapters) vs diffusers' train_dreambooth_lora.py
+step (peft adapters, same targets, rank and init, AdamW on the adapters), as run and same work.
+
 Speedup = reference step time / our step time (our steps per second over theirs); "ref first" is
 the reference's first call (for the Flax rows: jit compile + one step, like "ours first").
 """
@@ -44,7 +48,7 @@ WORKER = Path(__file__).resolve().parent / "bench_flax039_worker.py"
 SIZES = {"tiny": 64, "small": 256}
 
 
-def bench_ours(folder, size, repeats, dtype="float32"):
+def bench_ours(folder, size, repeats, dtype="float32", lora_rank=0):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -63,7 +67,15 @@ def bench_ours(folder, size, repeats, dtype="float32"):
     ctx = encode_prompts(pipe, ["a photo of sks dog", "a photo of dog"])
     batch = dict(latent_mean=mean, latent_logvar=logvar, is_class=np.array([False, False, True, True]),
                  context=ctx[[0, 0, 1, 1]])
-    graphdef, params = nnx.split(pipe.unet, nnx.Param)
+    frozen = {}
+    if lora_rank:  # as training does it: adapters trained, the base a frozen argument in the compute dtype
+        from dreambooth_jax.models.lora import LoRAParam, LoRASpec, add_lora
+
+        add_lora(pipe.unet, LoRASpec(rank=lora_rank))
+        graphdef, params, base = nnx.split(pipe.unet, LoRAParam, ...)
+        frozen = {"unet": jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, base)}
+    else:
+        graphdef, params = nnx.split(pipe.unet, nnx.Param)
     tx = make_optimizer(5e-6, weight_decay=1e-2)
     mesh = make_mesh(1, jax.devices()[:1])
     abstract = jax.eval_shape(lambda p: init_state({"unet": p}, tx, False), params)
@@ -71,13 +83,14 @@ def bench_ours(folder, size, repeats, dtype="float32"):
     step = make_train_step(graphdef, schedule_from_config(pipe.scheduler_config), tx,
                            StepConfig(latent_scale=pipe.vae.config.scaling_factor))
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    abstract_frozen = jax.eval_shape(lambda f: f, frozen)
     key = jax.random.key_data(jax.random.key(0))
     holder = {"state": state, "compiled": None}
 
     def run():
         if holder["compiled"] is None:
-            holder["compiled"] = jit_train_step(step, abstract, abstract_batch, {}, mesh)
-        holder["state"], m = holder["compiled"](holder["state"], batch, key, {})
+            holder["compiled"] = jit_train_step(step, abstract, abstract_batch, abstract_frozen, mesh)
+        holder["state"], m = holder["compiled"](holder["state"], batch, key, frozen)
         jax.block_until_ready(m["loss"])
 
     out = timed(run, repeats)
@@ -110,7 +123,7 @@ def bench_flax039(python: str, folder: Path, size: int, repeats: int, dtype: str
         return {"error": f"unreadable worker output ({e}): {lines[-1][:200]}"}
 
 
-def bench_torch(folder, size, repeats, full: bool):
+def bench_torch(folder, size, repeats, full: bool, lora_rank: int = 0):
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -122,7 +135,14 @@ def bench_torch(folder, size, repeats, full: bool):
     text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
     tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
     sched = DDPMScheduler.from_pretrained(folder / "scheduler")
-    opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+    if lora_rank:  # as diffusers' train_dreambooth_lora.py: frozen UNet + peft adapters, AdamW on them
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=5e-6, weight_decay=1e-2)
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(4, 3, size, size, generator=g) * 2 - 1
     ids = tok(["a photo of sks dog"] * 2 + ["a photo of dog"] * 2, padding="max_length", max_length=77,
@@ -145,7 +165,7 @@ def bench_torch(folder, size, repeats, full: bool):
         n, npr = noise.chunk(2)
         loss = F.mse_loss(p, n) + 1.0 * F.mse_loss(pp, npr)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -159,9 +179,10 @@ def bench_torch(folder, size, repeats, full: bool):
 @click.option("--configs", default="tiny,small", show_default=True)
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--dtype", default="float32", show_default=True, help="our compute dtype")
+@click.option("--lora-rank", default=16, show_default=True, help="rank of the LoRA rows (0: no LoRA rows)")
 @click.option("--flax039-python", default="", help="interpreter of a venv with diffusers 0.39.0 (Flax): "
               "adds the 'diffusers 0.39 Flax (as run)' and '(same work)' rows; empty: skip them")
-def main(configs, repeats, dtype, flax039_python):
+def main(configs, repeats, dtype, lora_rank, flax039_python):
     import jax
 
     rows = []
@@ -179,12 +200,17 @@ def main(configs, repeats, dtype, flax039_python):
                       f"failed: {r['error']}", flush=True)
             else:
                 fx[mode] = r
-        rows.append((name, ours, t_a, t_b, fx, rss))
+        lora = None
+        if lora_rank:
+            lora = (bench_ours(folder, size, repeats, dtype, lora_rank),
+                    bench_torch(folder, size, repeats, full=True, lora_rank=lora_rank),
+                    bench_torch(folder, size, repeats, full=False, lora_rank=lora_rank))
+        rows.append((name, ours, t_a, t_b, fx, rss, lora))
     print(f"\ntrain step: 2 instance + 2 class images, UNet fwd/bwd + prior MSE + clip + AdamW; jax {jax.__version__} "
           f"on {jax.default_backend()}, 1 device, {dtype}; torch 2 threads")
     print(f"{'config':7s} {'row':32s} {'ours first':>10s} {'ours step':>10s} {'ref first':>10s} {'ref step':>10s} "
           f"{'speedup':>8s}")
-    for name, o, ta, tb, fx, rss in rows:
+    for name, o, ta, tb, fx, rss, lora in rows:
         refs = [("(a) as run (ours: precomputed)", ta["first_s"], ta["median_s"])]
         if "as_run" in fx:
             refs.append(("diffusers 0.39 Flax (as run)", fx["as_run"]["compile_s"], fx["as_run"]["step_s"]))
@@ -203,6 +229,12 @@ def main(configs, repeats, dtype, flax039_python):
                 same = "match" if fx["as_run"].get(key) == ta[key] else "MISMATCH"
                 print(f"{name:7s} {what} params: diffusers PyTorch {ta[key]:,}, diffusers 0.39 Flax "
                       f"{fx['as_run'].get(key, 0):,} ({same})")
+        if lora is not None:
+            lo, la, lb = lora
+            for label, ref in ((f"LoRA r{lora_rank} (a) as run", la), (f"LoRA r{lora_rank} (b) same work", lb)):
+                print(f"{name:7s} {label:32s} {lo['first_s']:10.1f} {lo['median_s']:10.3f} {ref['first_s']:10.1f} "
+                      f"{ref['median_s']:10.3f} {ref['median_s'] / lo['median_s']:7.2f}x")
+            print(f"{name:7s} our LoRA step / our full step: {lo['median_s'] / o['median_s']:.2f} of the time")
         print(f"{name:7s} peak RSS after ours: {rss:.2f} GB")
     print(f"peak RSS of this process (both sides): {peak_rss_gb():.2f} GB")
     print("ref: (a), (b) diffusers PyTorch; 'diffusers 0.39 Flax' in its own interpreter (compile + 1 step first); "
