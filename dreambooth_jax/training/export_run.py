@@ -41,7 +41,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, stage: str = "base", ste
     from dreambooth_jax.models import ModelOptions, export_pipeline, load_pretrained
     from dreambooth_jax.models.lora import has_lora, merge_lora as merge, strip_lora
     from dreambooth_jax.training.checkpoint import Checkpointer
-    from dreambooth_jax.training.run import _add_adapters, optimizer_for, split_trainable
+    from dreambooth_jax.training.run import add_adapters, optimizer_for, split_trainable
     from dreambooth_jax.training.state import init_state
 
     run_dir, out = Path(run_dir), Path(out)
@@ -74,7 +74,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, stage: str = "base", ste
             raise ConfigError(f"{ckpt_dir} has no checkpoint of step {step} (kept: {', '.join(map(str, steps))})")
         source = cfg.model if stage == "base" else cfg.sr_model
         pipe = load_pretrained(source, ModelOptions(dtype=jnp.float32))
-        _add_adapters(cfg, pipe, log, text_encoder=stage == "base")
+        add_adapters(cfg, pipe, log, text_encoder=stage == "base")
         models = {"unet": pipe.unet}
         if stage == "base" and (cfg.train_text_encoder or cfg.lora_text_encoder):
             models["text_encoder"] = pipe.text_encoder

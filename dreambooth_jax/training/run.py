@@ -515,7 +515,7 @@ def _run(cfg: TrainConfig, folders: dict, out_dir: Path, stop: StopSignal, log) 
     pipe = load_pretrained(folders["model"], opts)
     vcfg = pipe.vae.config
     _check_stop(stop, log, "while loading the model")
-    _add_adapters(cfg, pipe, log)
+    add_adapters(cfg, pipe, log)
     text_trained = cfg.train_text_encoder or cfg.lora_text_encoder
     images = [inst]
     if cfg.with_prior_preservation:
@@ -570,7 +570,7 @@ def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log, *, stop: StopSignal
     pipe = load_pretrained(folder or cfg.sr_model, opts)
     if not pipe.is_upscaler:
         raise DreamboothError(f"sr_model {cfg.sr_model} is not an x4 upscaler pipeline (no low_res_scheduler)")
-    _add_adapters(cfg, pipe, log, text_encoder=False)
+    add_adapters(cfg, pipe, log, text_encoder=False)
     hi = _load_instance_images(cfg.instance_dir, cfg.sr_resolution, cfg.flip, cfg.center_crop, cfg.seed)
     images = [hi]
     if cfg.with_prior_preservation:
@@ -607,7 +607,7 @@ def lora_spec(cfg: TrainConfig, component: str = "unet"):
                     init=cfg.lora_init)
 
 
-def _add_adapters(cfg: TrainConfig, pipe, log, text_encoder: bool = True) -> None:
+def add_adapters(cfg: TrainConfig, pipe, log, text_encoder: bool = True) -> None:
     """LoRA mode: adapters on the UNet (and the text encoder with lora_text_encoder), in place."""
     from dreambooth_jax.models.lora import add_lora, adapter_count
 
