@@ -152,7 +152,7 @@ def small_disk(tmp_path):
     if r.returncode != 0:
         # Mounting needs root (CI and the developers' machines run as root, where this test runs);
         # a full disk cannot be made without it, and filling the real disk would hurt the machine.
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")  # justified above: needs root
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 

@@ -359,15 +359,18 @@ def _scan_blocks(step, carry, xs, tails, n):
     return carry, ys, tail_ys
 
 
+def _key_blocks(k, v, mask, block: int):
+    """k, v and the mask split along the key axis: ((main, tail), ...) for each, see _split."""
+    return _split(k, 2, block), _split(v, 2, block), _split(mask, 3, block)
+
+
 def _flash_forward(q, k, v, mask, blocks: FlashBlocks):
     """Returns out (B, H, Lq, Dv) float32 and lse (B, H, Lq) float32; q is pre-scaled, float32."""
     b, h, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[3]
     if blocks.fwd == "k":
         bk = blocks.fwd_block
-        ks, kt = _split(k, 2, bk)
-        vs, vt = _split(v, 2, bk)
-        ms, mt = _split(mask, 3, bk)
+        (ks, kt), (vs, vt), (ms, mt) = _key_blocks(k, v, mask, bk)
 
         def step(carry, kj, vj, mj):
             m, l, acc = carry
@@ -412,9 +415,7 @@ def _flash_backward(q, k, v, mask, out, lse, dout, blocks: FlashBlocks):
     lq = q.shape[2]
     if blocks.bwd == "k":
         bk = blocks.bwd_block
-        ks, kt = _split(k, 2, bk)
-        vs, vt = _split(v, 2, bk)
-        ms, mt = _split(mask, 3, bk)
+        (ks, kt), (vs, vt), (ms, mt) = _key_blocks(k, v, mask, bk)
 
         def step(dq, kj, vj, mj):
             p = jnp.exp(_masked(_dot_nt(q, kj), mj) - lse[..., None])
