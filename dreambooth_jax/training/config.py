@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import io
 import math
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -30,19 +33,19 @@ class TrainConfig:
     class_data_dir: str = ""  # TFDS data dir for tfds: class sources
     num_class_images: int = 200  # prior images to use (generated if missing)
     class_sampler: str = "ddpm"  # sampler for class-image generation (the paper: ancestral)
-    class_steps: int = 50
-    class_guidance: float = 7.5
+    class_steps: int = 50  # sampler steps per class image
+    class_guidance: float = 7.5  # classifier-free guidance scale of the class images
     resolution: int = 512  # training image size (pixels)
-    center_crop: bool = True
+    center_crop: bool = True  # square crop at the centre (else at a seeded random position)
     flip: bool = True  # horizontal flip augmentation (latents precomputed for both flips)
-    output_dir: str = "runs/dreambooth"
+    output_dir: str = "runs/dreambooth"  # the run folder: checkpoints, logs, validation grids, export
     export_dtype: str = ""  # weights of the exported folder: "" = the source model's, or float32 | float16 | bfloat16
     # --- method
-    with_prior_preservation: bool = True
+    with_prior_preservation: bool = True  # add lambda x the loss on class images (the paper's method)
     prior_loss_weight: float = 1.0  # lambda
-    train_text_encoder: bool = False
-    min_snr_gamma: float | None = None
-    offset_noise: float = 0.0
+    train_text_encoder: bool = False  # also fine-tune the CLIP text encoder (full fine-tuning only)
+    min_snr_gamma: float | None = None  # Min-SNR loss weighting gamma (e.g. 5); null: plain MSE
+    offset_noise: float = 0.0  # std of a per-channel constant added to the training noise (0: off)
     # --- LoRA (lora_rank 0: full fine-tuning)
     lora_rank: int = 0  # adapter rank; > 0 trains LoRA adapters only, the base weights stay frozen
     lora_alpha: float | None = None  # adapter scale is lora_alpha / lora_rank; null: alpha = rank
@@ -51,40 +54,40 @@ class TrainConfig:
     lora_text_encoder: bool = False  # also adapters on the text encoder's q/k/v/out_proj (trained)
     lora_init: str = "gaussian"  # gaussian down / zero up: step 0 computes the base model exactly
     # --- optimisation
-    max_train_steps: int = 1000
+    max_train_steps: int = 1000  # base-stage optimizer steps
     train_batch_size: int = 1  # instance images per step (the same number of class images is added)
-    learning_rate: float = 5e-6
+    learning_rate: float = 5e-6  # peak learning rate (LoRA wants ~1e-4)
     optimizer: str = "adamw"  # adamw (fp32 moments) | adafactor (factored moments: ~1/3 of AdamW's state memory)
     memory: str = ""  # "" | 16gb: full fine-tuning of SD1.5 at 512 px on one 16 GB chip (see README)
     lr_schedule: str = "constant"  # constant | warmup_constant | cosine
-    lr_warmup_steps: int = 0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    grad_accum: int = 1
-    ema_decay: float | None = None
-    seed: int = 0
+    lr_warmup_steps: int = 0  # linear warm-up steps (warmup_constant, cosine)
+    adam_b1: float = 0.9  # AdamW beta1
+    adam_b2: float = 0.999  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 1e-2  # decoupled weight decay
+    max_grad_norm: float = 1.0  # global gradient-norm clipping
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    ema_decay: float | None = None  # keep an EMA of the weights (e.g. 0.9999) for export; null: none
+    seed: int = 0  # noise, timesteps, dropout and data order
     # --- compute
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    remat: bool = False
+    remat: bool = False  # recompute activations in the backward (less memory, ~1/3 more compute)
     fsdp: int = 1  # size of the mesh's fsdp axis (params/optimizer state split over it)
-    attention: str = "auto"
+    attention: str = "auto"  # auto | matmul | chunked | xla | flash (auto: per backend and shape)
     # --- SR stage (x4 upscaler) fine-tuning
     sr_model: str = ""  # upscaler folder/hub id; empty: no SR stage
     sr_noise_level: int = 5  # low-res noise augmentation for subject pairs (lowered, as in the paper)
-    sr_max_train_steps: int = 500
-    sr_learning_rate: float = 5e-6
+    sr_max_train_steps: int = 500  # SR-stage optimizer steps
+    sr_learning_rate: float = 5e-6  # SR-stage learning rate
     sr_resolution: int = 256  # high-res size of the pairs (low-res is a quarter)
     # --- checkpoints, logging, validation
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    validation_every: int = 0  # 0: only at the end
-    validation_prompts: list = dataclasses.field(default_factory=lambda: ["a photo of sks dog in the snow"])
-    validation_steps: int = 25
-    validation_seed: int = 0
+    checkpoint_every: int = 250  # steps between Orbax checkpoints (and on SIGTERM)
+    keep_checkpoints: int = 2  # newest checkpoints kept per stage
+    log_every: int = 10  # steps between logged scalars (TensorBoard and stderr)
+    validation_every: int = 0  # steps between validation grids; 0: only at the end
+    validation_prompts: list = dataclasses.field(default_factory=lambda: ["a photo of sks dog in the snow"])  # sampled into a grid
+    validation_steps: int = 25  # sampler steps of the validation images
+    validation_seed: int = 0  # the validation images' seed (the same each time: comparable grids)
 
     def __post_init__(self):
         check(self)
@@ -189,6 +192,73 @@ def _choice(cfg: TrainConfig, key: str, allowed: tuple) -> None:
 def _at_least(cfg: TrainConfig, key: str, low: int, why: str) -> None:
     if getattr(cfg, key) < low:
         raise ConfigError(f"config key '{key}' must be >= {low}{why}, got {getattr(cfg, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One config key as documented in TrainConfig's source: its section, default and comment."""
+
+    section: str
+    key: str
+    default: Any
+    comment: str
+
+
+def config_reference() -> list[KeyDoc]:
+    """Every TrainConfig key in source order with its section (the ``# --- ...`` lines), default
+    and end-of-line comment, read from the class's source so the docs cannot drift from it."""
+    comments, sections, section = {}, {}, ""
+    tokens = tokenize.generate_tokens(io.StringIO(inspect.getsource(TrainConfig)).readline)
+    line_key = None
+    for tok in tokens:
+        if tok.type == tokenize.NL or tok.type == tokenize.NEWLINE:
+            line_key = None
+        elif tok.type == tokenize.NAME and line_key is None and tok.start[1] == 4:
+            line_key = tok.string
+            sections[line_key] = section
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if tok.start[1] == 4 and text.startswith("---"):
+                section = text.strip("- ").strip()
+            elif line_key:
+                comments[line_key] = text
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out.append(KeyDoc(sections.get(f.name, ""), f.name, default, comments.get(f.name, "")))
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10 ** 6).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text
+
+
+def describe_keys() -> str:
+    """The config keys as help text: one line per key, grouped by section."""
+    lines, section = [], None
+    for d in config_reference():
+        if d.section != section:
+            section = d.section
+            lines += ["", f"{section}:"] if lines else [f"{section}:"]
+        lines.append(f"  {d.key} = {_yaml_value(d.default)}" + (f"  -- {d.comment}" if d.comment else ""))
+    return "\n".join(lines)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """A complete, commented YAML of ``cfg`` (every key, in sections) that load_config reads back
+    to an equal config: the file to start one's own from."""
+    lines = ["# dreambooth-jax training config: python -m dreambooth_jax.train --config THIS_FILE [key=value ...]",
+             "# every key with its value; the comment says what it does and, where the value differs, the default"]
+    section = None
+    for d in config_reference():
+        if d.section != section:
+            section = d.section
+            lines += ["", f"# --- {section}"]
+        value = getattr(cfg, d.key)
+        note = d.comment + ("" if value == d.default else f" (default: {_yaml_value(d.default)})")
+        lines.append(f"{d.key}: {_yaml_value(value)}" + (f"  # {note.strip()}" if note.strip() else ""))
+    return "\n".join(lines) + "\n"
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
