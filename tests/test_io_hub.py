@@ -155,4 +155,20 @@ def test_hub_id_is_downloaded_when_it_is_one(hub, tmp_path):
     hub.behave = lambda repo_id, **k: str(snap)
     assert resolve_model_path("someorg/some-model", timeout=5, log=lambda m: None) == snap
     repo_id, kwargs = hub.calls[0]
-    assert repo_id == "someorg/some-model" and "*.safetensors" in kwargs["allow_patterns"]
+    assert repo_id == "someorg/some-model"
+    # what huggingface_hub keeps of SD1.5's real file list with these patterns: the pipeline's
+    # default weights and configs, not the root checkpoints, variants or .bin copies (~20 -> ~4 GB)
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = ["model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt",
+             "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.safetensors",
+             "unet/diffusion_pytorch_model.bin", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+             "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+             "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
+             "big/diffusion_pytorch_model.safetensors.index.json", "big/diffusion_pytorch_model-00001-of-00002.safetensors",
+             "config.json", "model.safetensors", "preprocessor_config.json"]  # + an encoder repo's root layout
+    kept = set(filter_repo_objects(files, allow_patterns=kwargs["allow_patterns"],
+                                   ignore_patterns=kwargs["ignore_patterns"]))
+    assert kept == {f for f in files if not any(x in f for x in ("pruned", ".fp16.", "non_ema", ".bin", "safety"))}

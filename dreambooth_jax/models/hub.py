@@ -16,7 +16,13 @@ from typing import Any, Callable
 from dreambooth_jax.errors import CheckpointError, ConfigError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
+# The default weights of each component and the configs / tokenizer files, nothing else: hub repos
+# also hold single-file checkpoints at their root, fp16 / non-EMA / EMA variants and .bin copies
+# (SD1.5's repo: ~20 GB in all, ~4 GB of it the pipeline loads).
+_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*.safetensors",
+            "model.safetensors", "model-*.safetensors")
+_HUB_PATTERNS = ["*.json", "*.txt", *_WEIGHTS, *(f"*/{w}" for w in _WEIGHTS)]
+_HUB_IGNORE = ["safety_checker/*"]  # 1.2 GB that no sampler here uses
 HUB_TIMEOUT_ENV = "DREAMBOOTH_HUB_TIMEOUT"
 DEFAULT_HUB_TIMEOUT = 60.0  # seconds without download progress before we give up
 
@@ -142,8 +148,8 @@ def _download_from_hub(repo_id: str, timeout: float, log: Callable[[str], None])
 
     def work():
         try:
-            result["path"] = huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS,
-                                                               etag_timeout=etag_timeout)
+            result["path"] = huggingface_hub.snapshot_download(
+                repo_id, allow_patterns=_HUB_PATTERNS, ignore_patterns=_HUB_IGNORE, etag_timeout=etag_timeout)
         except BaseException as e:  # noqa: BLE001  handed to the caller's thread
             result["error"] = e
 
