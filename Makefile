@@ -3,18 +3,26 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-other-cpu test-faults test-all demo clean
+.PHONY: setup setup-core check-env test test-other-cpu test-faults test-all demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # Installed once per change of pyproject.toml (editable: code changes need no reinstall).
+# setup-core: what the package needs to run (the demo); setup: + the test extra (PyTorch, diffusers,
+# TFDS: the numerical reference, gigabytes), for make test.
+setup-core: $(VENV)/.installed-core
+
+$(VENV)/.installed-core: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
-	touch $@
+	touch $(VENV)/.installed-core $@
 
 # The suite is mostly XLA compiles of tiny models: LLVM at -O0 compiles them ~25% faster (10 vs 14
 # minutes in all); XLA:CPU's fast-math is off, so the level does not change float semantics (the
@@ -37,8 +45,12 @@ test-all: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m ''
 
 # The embedded default: toy prior + toy subject -> class images, DreamBooth (base + SR), samples, metrics.
-demo: setup
+demo: setup-core
 	$(BIN)/python -m dreambooth_jax.demo --out out/demo
+
+# Is this environment able to run the package (another Python, jax, a TPU/GPU runtime)? PASS or FAIL.
+check-env: setup-core
+	$(BIN)/python scripts/check_env.py
 
 clean:
 	rm -rf $(VENV) out
