@@ -19,15 +19,15 @@ from dreambooth_jax.models.attention import attention
 from dreambooth_jax.models.layers import LayerNorm, Linear
 from dreambooth_jax.models.options import ModelOptions, check_choice, parse_config
 
-_SUPPORTED = dict(
+TEXT_DEFAULTS = dict(
     vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
     num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
     layer_norm_eps=1e-5, eos_token_id=49407, bos_token_id=49406, pad_token_id=1,
 )
 _FIXED = dict(attention_dropout=(0.0,), dropout=(0.0,), model_type=("clip_text_model",),
-              architectures=(["CLIPTextModel"],))
+              architectures=(["CLIPTextModel"], None))  # null inside a CLIPModel config
 # Generic transformers PretrainedConfig keys and init-only keys that do not change the forward.
-_IGNORED = {
+PRETRAINED_KEYS = {
     "projection_dim", "initializer_range", "initializer_factor", "torch_dtype", "dtype",
     "transformers_version", "output_hidden_states", "output_attentions", "return_dict",
     "use_return_dict", "torchscript", "use_bfloat16", "pruned_heads", "tie_word_embeddings",
@@ -59,7 +59,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_transformers(cls, raw: Mapping[str, Any], source: str = "text_encoder/config.json") -> "CLIPTextConfig":
-        c = parse_config(raw, _SUPPORTED, source, fixed=_FIXED, ignored=_IGNORED)
+        c = parse_config(raw, TEXT_DEFAULTS, source, fixed=_FIXED, ignored=PRETRAINED_KEYS)
         check_choice(c["hidden_act"], ("quick_gelu", "gelu"), "hidden_act", source)
         return cls(raw=dict(raw), **{k: c[k] for k in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -65,7 +65,7 @@ def _component_dir(root: Path, name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- components
-def _build(cls, cfg, folder: Path, stem: str, opts: ModelOptions, rename: Callable[[str], str | None],
+def build_model(cls, cfg, folder: Path, stem: str, opts: ModelOptions, rename: Callable[[str], str | None],
            allow_pickle: bool, variant: str | None):
     abstract = nnx.eval_shape(lambda: cls(cfg, opts, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -94,7 +94,7 @@ def load_unet(folder: str | Path, opts: ModelOptions = ModelOptions(), *, allow_
               variant: str | None = None) -> UNet2DConditionModel:
     folder = Path(folder)
     cfg = UNetConfig.from_diffusers(_read_json(folder / "config.json"), str(folder / "config.json"))
-    return _build(UNet2DConditionModel, cfg, folder, "diffusion_pytorch_model", opts, lambda k: k,
+    return build_model(UNet2DConditionModel, cfg, folder, "diffusion_pytorch_model", opts, lambda k: k,
                   allow_pickle, variant)
 
 
@@ -102,7 +102,7 @@ def load_vae(folder: str | Path, opts: ModelOptions = ModelOptions(), *, allow_p
              variant: str | None = None) -> AutoencoderKL:
     folder = Path(folder)
     cfg = VAEConfig.from_diffusers(_read_json(folder / "config.json"), str(folder / "config.json"))
-    return _build(AutoencoderKL, cfg, folder, "diffusion_pytorch_model", opts, _vae_rename,
+    return build_model(AutoencoderKL, cfg, folder, "diffusion_pytorch_model", opts, _vae_rename,
                   allow_pickle, variant)
 
 
@@ -110,7 +110,7 @@ def load_text_encoder(folder: str | Path, opts: ModelOptions = ModelOptions(), *
                       allow_pickle: bool = False, variant: str | None = None) -> CLIPTextModel:
     folder = Path(folder)
     cfg = CLIPTextConfig.from_transformers(_read_json(folder / "config.json"), str(folder / "config.json"))
-    return _build(CLIPTextModel, cfg, folder, "model", opts, _clip_rename, allow_pickle, variant)
+    return build_model(CLIPTextModel, cfg, folder, "model", opts, _clip_rename, allow_pickle, variant)
 
 
 def load_tokenizer(folder: str | Path, max_length: int = 77):
