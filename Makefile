@@ -22,6 +22,9 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
+	# the lpips package is LPIPS' reference; its torchvision requirement cannot be met beside this torch
+	# (tests/test_lpips.py stands in torchvision's feature stacks), hence --no-deps
+	$(BIN)/pip install -q --no-deps lpips==0.1.4
 	touch $(VENV)/.installed-core $@
 
 # The suite is mostly XLA compiles of tiny models: LLVM at -O0 compiles them ~25% faster (10 vs 14
