@@ -404,3 +404,31 @@ def test_cudnn_on_gpu(case):
     # bf16 P: one dominant key already gives LAMBDA * sqrt(2) * 2**-8 = 4.4% of |v|; Delta from the bf16
     # output (summed linearly over D) puts dQ's bound at up to ~17% of max|dQ| with 77 keys
     _check(_ours(fn, q, k, v, g, jnp.bfloat16), ref, bound, extra_rel=BF16_U, meaningful=0.25)
+
+
+def test_per_shard_runs_an_unpartitionable_kernel_on_each_devices_slice():
+    """Pallas kernels (TPU flash attention) cannot be partitioned by XLA: under a mesh they run in
+    shard_map on each device's batch slice; here a plain kernel stands in and must give the same
+    result as one call on the whole batch, up to float32 rounding (XLA may block a batch-2 matmul
+    differently from a batch-8 one: a few ulp of the O(1) outputs)."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from dreambooth_jax.models.attention import current_backend, per_shard, target_backend
+
+    if jax.device_count() < 4:
+        pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(8, 64, 2, 16)), jnp.float32) for _ in range(3))
+    kernel = lambda a, b, c: A.attention(a, b, c, impl="matmul")  # noqa: E731
+    want = kernel(q, k, v)
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda a, b, c: per_shard(kernel, a, b, c))(q, k, v)
+        assert jax.jit(lambda a, b, c: per_shard(kernel, a, b, c) is None)(q[:3], k[:3], v[:3])  # 3 over 4 devices
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=16 * 2.0 ** -23)
+    # several devices, no mesh in context: the inputs' sharding is unknown while tracing -> None (XLA fallback)
+    assert per_shard(kernel, q, k, v) is None
+    with target_backend("tpu"):
+        assert current_backend() == "tpu"
+    assert current_backend() == jax.default_backend()

@@ -81,6 +81,13 @@ class _Stage:
                                   f"use a multiple of {n}")
         return tuple(jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in arrays)
 
+    def _call(self, *args):
+        """The jitted loop, traced with the mesh in context (kernels XLA cannot partition run per shard)."""
+        if self.mesh is None:
+            return self._fn(*args)
+        with jax.set_mesh(self.mesh):
+            return self._fn(*args)
+
     def _ids(self, prompts: Sequence[str], negative: Sequence[str] | str | None):
         prompts = list(prompts)
         if not prompts:
@@ -134,7 +141,7 @@ class BaseSampler(_Stage):
             latents = self.initial_latents(len(ids), height, width, seed)
         ids, neg, latents = self._put(ids, neg, np.asarray(latents, np.float32))
         key = jax.random.key_data(jax.random.key(seed + 1))
-        images, x = self._fn(self.params, ids, neg, latents, key, jnp.float32(guidance), jnp.float32(eta))
+        images, x = self._call(self.params, ids, neg, latents, key, jnp.float32(guidance), jnp.float32(eta))
         return SampleResult(np.asarray(images), np.asarray(x))
 
 
@@ -192,6 +199,6 @@ class UpscaleSampler(_Stage):
             aug_noise = jax.random.normal(k_aug, low_res.shape, jnp.float32)
         ids, neg, low_res, aug_noise, latents = self._put(
             ids, neg, low_res.astype(np.float32), np.asarray(aug_noise, np.float32), np.asarray(latents, np.float32))
-        images, x = self._fn(self.params, ids, neg, low_res, aug_noise, latents, jax.random.key_data(k_loop),
+        images, x = self._call(self.params, ids, neg, low_res, aug_noise, latents, jax.random.key_data(k_loop),
                              jnp.float32(guidance), jnp.float32(eta), jnp.int32(noise_level))
         return SampleResult(np.asarray(images), np.asarray(x))

@@ -59,17 +59,40 @@ Backend choice for ``"auto"`` (:func:`attention_plan`, logged once per distinct 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "matmul", "chunked", "xla", "flash")
 _CHUNK = 1024  # queries per block on the chunked path
 
 logger = logging.getLogger("dreambooth_jax.attention")
+# The backend ``impl="auto"`` plans for: the default backend, unless a compile for another target
+# (ahead-of-time, e.g. a TPU topology compiled on a CPU host) says otherwise via target_backend().
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_target_backend", default=None)
+
+
+@contextlib.contextmanager
+def target_backend(backend: str):
+    """Within this block ``impl="auto"`` chooses kernels for ``backend`` ('cpu', 'gpu', 'tpu')
+    instead of ``jax.default_backend()``: for ahead-of-time compiles for another platform
+    (scripts/scale_report.py --target tpu-v5e traces on a CPU host for a TPU topology)."""
+    token = _TARGET.set(backend)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def current_backend() -> str:
+    """The backend ``impl="auto"`` plans for now."""
+    return _TARGET.get() or jax.default_backend()
 _F32 = jnp.float32
 _NEG = float(jnp.finfo(jnp.float32).min)  # masked score (same as the matmul path)
 
@@ -104,7 +127,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     requested = impl
     if impl == "auto":
-        impl, reason = attention_plan(q.shape, k.shape, q.dtype, jax.default_backend(), mask)
+        impl, reason = attention_plan(q.shape, k.shape, q.dtype, current_backend(), mask)
         _log_once(requested, impl, reason, q.shape, k.shape, q.dtype, mask)
     if impl == "cudnn":
         out = _try_cudnn(q, k, v)
@@ -207,7 +230,7 @@ _logged: set = set()
 
 def _log_once(requested, impl, reason, q_shape, k_shape, dtype, mask):
     key = (requested, tuple(q_shape), tuple(k_shape), jnp.dtype(dtype).name,
-           None if mask is None else tuple(mask.shape), jax.default_backend())
+           None if mask is None else tuple(mask.shape), current_backend())
     if key not in _logged:
         _logged.add(key)
         logger.info("attention q%s k%s %s mask=%s: %s (%s)", tuple(q_shape), tuple(k_shape),
@@ -231,6 +254,27 @@ def _try_cudnn(q, k, v):
         return None
 
 
+def per_shard(kernel, *arrays):
+    """``kernel(*arrays)`` for a kernel XLA cannot partition (a Pallas/Mosaic custom call): with a
+    mesh in context (``jax.set_mesh``, as the train step and the samplers trace) it runs once per
+    device on that device's slice of the leading (batch) axis, inside ``shard_map``; with one device
+    it runs as is. None where neither is possible: several devices but no mesh in context (the
+    inputs' sharding is unknown while tracing), or a batch the mesh does not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(*arrays) if jax.device_count() == 1 else None
+    axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    if n == 1:
+        return kernel(*arrays)
+    if arrays[0].shape[0] % n:
+        return None
+    spec = P(axes)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)
+
+
 def _try_tpu_flash(q, k, v):
     """Pallas TPU flash attention on (B, L, H, D) inputs; None where it cannot be used."""
     try:
@@ -247,10 +291,15 @@ def _try_tpu_flash(q, k, v):
         sizes = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
                               block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
                               block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
-        out = fa.flash_attention(qt, kt, vt, sm_scale=d ** -0.5, block_sizes=sizes)
+        out = per_shard(lambda a, b, c: fa.flash_attention(a, b, c, sm_scale=d ** -0.5, block_sizes=sizes),
+                        qt, kt, vt)
     except Exception as e:  # noqa: BLE001 - the kernel's own shape checks
         logger.info("Pallas TPU flash attention refused q%s k%s (%s): XLA attention instead", q.shape,
                     k.shape, e)
+        return None
+    if out is None:
+        logger.info("Pallas TPU flash attention q%s: several devices and no mesh in context (or a batch it does "
+                    "not divide), and a Pallas kernel cannot be partitioned by XLA: XLA attention instead", q.shape)
         return None
     return out.transpose(0, 2, 1, 3)[..., :d].astype(v.dtype)
 

@@ -139,4 +139,5 @@ def jit_train_step(step: Callable, abstract_state: TrainState, abstract_batch: d
     jitted = jax.jit(step, in_shardings=(s_state, s_batch, replicated(mesh), s_frozen),
                      out_shardings=(s_state, replicated(mesh)), donate_argnums=(0,))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    return jitted.lower(abstract_state, abstract_batch, rng, abstract_frozen).compile()
+    with jax.set_mesh(mesh):  # traced with the mesh in context: kernels XLA cannot partition run per shard
+        return jitted.lower(abstract_state, abstract_batch, rng, abstract_frozen).compile()
