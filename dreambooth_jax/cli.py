@@ -176,6 +176,41 @@ def export(run_dir, out, what, stage, step, merge_lora, overwrite):
     click.echo(f"exported to {out}")
 
 
+@main.command("evaluate")
+@click.option("--model", default="", help="The fine-tuned base model (diffusers folder or hub id); or --images.")
+@click.option("--images", default="", help="A folder of images already generated (this command's images/<tag> layout).")
+@click.option("--instance-dir", required=True, help="The subject's real photos (at least 2).")
+@click.option("--class-noun", required=True, help='e.g. "dog" (the paper\'s live-subject prompts for cat/dog).')
+@click.option("--identifier", default="sks", show_default=True, help="The rare token the model was trained with.")
+@click.option("--dino", required=True, help="DINO ViT folder (transformers layout) or hub id, e.g. facebook/dino-vits16.")
+@click.option("--clip", required=True, help="CLIP folder or hub id, e.g. openai/clip-vit-base-patch32.")
+@click.option("--lpips", required=True, help="LPIPS weights (.safetensors written by scripts/convert_lpips.py).")
+@click.option("--sr-model", default="", help="x4 upscaler: images are scored after the SR stage.")
+@click.option("--before", default="", help="The frozen prior: scored too, with the same seeds (before/after table).")
+@click.option("--prompts", default="", help="Prompt templates, one per line ({0}/[V]: identifier, {1}/[class]: "
+              "class); default: the paper's 25.")
+@click.option("--num-images", default=4, show_default=True, help="Images per prompt.")
+@click.option("--class-images", default=16, show_default=True, help='Images of "a [class]" for PRES.')
+@click.option("--steps", "sample_steps", default=50, show_default=True)
+@click.option("--sr-steps", default=50, show_default=True)
+@click.option("--guidance", default=7.5, show_default=True)
+@click.option("--sr-noise-level", default=20, show_default=True)
+@click.option("--size", default=512, show_default=True, help="Base-stage image size.")
+@click.option("--batch", default=8, show_default=True, help="Images per sampler call.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, help="New or empty folder: metrics.json, metrics.md, contact sheets, images/.")
+@user_errors
+def evaluate(**kwargs):
+    """Score a fine-tuned model with the DreamBooth paper's metrics: DINO, CLIP-I, CLIP-T, PRES, DIV."""
+    from dreambooth_jax.evaluation.paper import EvalConfig
+    from dreambooth_jax.evaluation.paper import evaluate as run_evaluation
+
+    result = run_evaluation(EvalConfig(**kwargs), log=lambda m: click.echo(m, err=True))
+    for tag, res in result["models"].items():
+        click.echo(f"{tag}: " + ", ".join(f"{k} {v:.3f}" for k, v in res["overall"].items()))
+    click.echo(f"report: {kwargs['out']}/metrics.md")
+
+
 main.add_command(train, "train")
 main.add_command(demo, "demo")
 

@@ -234,6 +234,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
             report["metrics_base_stage"] = table(base)
             md = ("Final images (base + SR stage):\n\n" + md + "\nBase stage alone (32 px):\n\n"
                   + metrics_markdown(report["metrics_base_stage"]).split("\nDefinitions:")[0] + "\n")
+        md = ("Encoders: the toy world's evaluator (dreambooth_jax/assets/toy/evaluator, a small CNN trained on "
+              "fresh toy renders; its heads play DINO / CLIP-I / CLIP-T / LPIPS). For real models: "
+              "`dreambooth-jax evaluate` with DINO, CLIP and LPIPS.\n\n" + md)
+        report["encoders"] = "toy evaluator (dreambooth_jax/assets/toy/evaluator)"
         (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
         (out / "metrics.md").write_text(md)
         files += ["metrics.json", "metrics.md"]

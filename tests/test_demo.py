@@ -61,7 +61,8 @@ def test_dreambooth_binds_the_toy_subject(tmp_path):
     assert after["subject_fidelity"] > max(0.5, before["subject_fidelity"] + 0.4), (before, after)
     assert after["context_fidelity"] > 0.8, after
     saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert saved["metrics"]["DreamBooth"] == after
+    assert saved["metrics"]["DreamBooth"] == after and "toy evaluator" in saved["encoders"]
+    assert (tmp_path / "demo" / "metrics.md").read_text().startswith("Encoders: the toy world's evaluator")
     for f in ("before.png", "after.png", "comparison.png", "subject_photos.png", "metrics.md"):
         assert (tmp_path / "demo" / f).is_file(), f
     # The export runs in diffusers as a user calls it: no dtype argument (issue 9: the fine-tuned

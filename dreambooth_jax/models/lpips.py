@@ -249,6 +249,8 @@ def load_lpips(path: str | Path, opts: ModelOptions = ModelOptions(), *, net: st
     path = Path(path)
     if net is not None:
         check_net(net, f"LPIPS weights {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not an LPIPS weights file (.safetensors made by scripts/convert_lpips.py)")
     if not path.is_file():
         raise ConfigError(f"LPIPS weights file {path} does not exist; make it once with "
                           "scripts/convert_lpips.py (from the lpips package's heads and torchvision's weights)")
