@@ -45,7 +45,7 @@ def encoders(tmp_path_factory):
 
 def args(enc, out, **kw):
     base = dict(model=str(TOY_PRIOR), sr_model=str(TOY_SR), instance_dir=str(TOY_SUBJECT), class_noun="box",
-                prompts="", num_images=2, class_images=2, steps=2, sr_steps=2, size=32, batch=4, seed=3, out=str(out),
+                prompts="", num_images=2, class_images=2, steps=2, sr_steps=2, size=32, batch=8, seed=3, out=str(out),
                 **enc)
     base.update(kw)
     return [f"--{k.replace('_', '-')}={v}" for k, v in base.items() if v != ""]

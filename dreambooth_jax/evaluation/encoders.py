@@ -37,14 +37,20 @@ class Encoders:
     names: dict  # what produced the numbers (for metrics.md)
 
 
-def batched(model, fn: Callable, batch: int = BATCH) -> Callable[[np.ndarray], np.ndarray]:
+def batched(model, fn: Callable, batch: int = BATCH, mesh=None) -> Callable[[np.ndarray], np.ndarray]:
     """``fn(model, x)`` jitted with the model's weights as an argument (not baked into the program
-    as constants), applied to fixed-size, zero-padded batches of a (N, ...) array."""
+    as constants), applied to fixed-size, zero-padded batches of a (N, ...) array; with a mesh the
+    weights are replicated and each batch split over its devices."""
     from flax import nnx
+
+    from dreambooth_jax.sharding import batch_sharding, replicated
 
     graphdef, state = nnx.split(model)
     call = jax.jit(lambda st, x: fn(nnx.merge(graphdef, st), x))
-    jitted = lambda x: call(state, x)  # noqa: E731
+    if mesh is not None:
+        state = jax.device_put(state, replicated(mesh))
+    place = (lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim))) if mesh is not None else jnp.asarray
+    jitted = lambda x: call(state, place(x))  # noqa: E731
 
     def run(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
@@ -55,7 +61,7 @@ def batched(model, fn: Callable, batch: int = BATCH) -> Callable[[np.ndarray], n
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
             with jax.default_matmul_precision("highest"):
-                out.append(np.asarray(jitted(jnp.asarray(chunk)), np.float64)[:batch - pad])
+                out.append(np.asarray(jitted(chunk), np.float64)[:batch - pad])
         return np.concatenate(out)
 
     return run
@@ -88,18 +94,18 @@ def _clip_tokenizer(folder: Path):
     return default_tokenizer(), "the package's CLIP BPE (the folder has no tokenizer files)"
 
 
-def load_dino(arg: str) -> tuple[Callable, str]:
+def load_dino(arg: str, mesh=None) -> tuple[Callable, str]:
     from dreambooth_jax.evaluation.preprocess import load_preprocessor
     from dreambooth_jax.models.vit import load_vit
 
     folder = _folder(arg, "--dino")
     model = _with_option("--dino", lambda: load_vit(folder))
     prep = _with_option("--dino", lambda: load_preprocessor(folder, "vit"))
-    run = batched(model, lambda m, x: m.cls_embedding(x))
+    run = batched(model, lambda m, x: m.cls_embedding(x), mesh=mesh)
     return (lambda images: run(prep(images))), f"{arg} (ViT CLS token, {model.config.hidden_size}-d)"
 
 
-def load_clip_encoders(arg: str) -> tuple[Callable, Callable, str]:
+def load_clip_encoders(arg: str, mesh=None) -> tuple[Callable, Callable, str]:
     from dreambooth_jax.evaluation.preprocess import load_preprocessor
     from dreambooth_jax.models.clip_vision import load_clip
     from dreambooth_jax.models.loading import tokenize
@@ -108,19 +114,19 @@ def load_clip_encoders(arg: str) -> tuple[Callable, Callable, str]:
     model = _with_option("--clip", lambda: load_clip(folder))
     prep = _with_option("--clip", lambda: load_preprocessor(folder, "clip"))
     tok, tok_name = _clip_tokenizer(folder)
-    images = batched(model, lambda m, x: m.image_embeds(x))
-    texts = batched(model, lambda m, ids: m.text_embeds(ids))
+    images = batched(model, lambda m, x: m.image_embeds(x), mesh=mesh)
+    texts = batched(model, lambda m, ids: m.text_embeds(ids), mesh=mesh)
     return (lambda imgs: images(prep(imgs))), (lambda t: texts(tokenize(tok, list(t)))), f"{arg} (tokenizer: {tok_name})"
 
 
-def load_lpips_distance(path: str) -> tuple[Callable, str]:
+def load_lpips_distance(path: str, mesh=None) -> tuple[Callable, str]:
     from dreambooth_jax.models.lpips import load_lpips
 
     if not path:
         raise ConfigError("--lpips is empty: name the LPIPS safetensors file (scripts/convert_lpips.py writes it)")
     model = _with_option("--lpips", lambda: load_lpips(path))
     run = batched(model, lambda m, ab: m(ab[:, 0].astype(jnp.float32) / 127.5 - 1.0,
-                                         ab[:, 1].astype(jnp.float32) / 127.5 - 1.0))
+                                         ab[:, 1].astype(jnp.float32) / 127.5 - 1.0), mesh=mesh)
 
     def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         a, b = np.asarray(a), np.asarray(b)
@@ -131,10 +137,11 @@ def load_lpips_distance(path: str) -> tuple[Callable, str]:
     return distance, f"{path} (LPIPS {getattr(model, 'net', '')})".replace(" )", ")")
 
 
-def load_encoders(dino: str, clip: str, lpips: str) -> Encoders:
-    """The three encoders; each bad argument is a ConfigError naming its option."""
-    dino_fn, dino_name = load_dino(dino)
-    clip_img, clip_txt, clip_name = load_clip_encoders(clip)
-    lpips_fn, lpips_name = load_lpips_distance(lpips)
+def load_encoders(dino: str, clip: str, lpips: str, mesh=None) -> Encoders:
+    """The three encoders (batches of BATCH split over ``mesh``'s devices when given); each bad
+    argument is an error naming its option."""
+    dino_fn, dino_name = load_dino(dino, mesh)
+    clip_img, clip_txt, clip_name = load_clip_encoders(clip, mesh)
+    lpips_fn, lpips_name = load_lpips_distance(lpips, mesh)
     return Encoders(dino=dino_fn, clip_image=clip_img, clip_text=clip_txt, lpips=lpips_fn,
                     names={"DINO": dino_name, "CLIP": clip_name, "LPIPS": lpips_name})

@@ -179,6 +179,17 @@ def generate(cfg: EvalConfig, cascade, prompts: list[str], class_prompt: str, lo
     return per_prompt, np.stack([out[(-1, k)] for k in range(cfg.class_images)])
 
 
+def data_mesh(batch: int):
+    """A data-parallel mesh over this process's devices when ``batch`` splits over them, else None
+    (one device). The sampler calls and the encoders then run each batch sharded over the devices."""
+    import jax
+
+    from dreambooth_jax.sharding import make_mesh
+
+    n = jax.local_device_count()
+    return make_mesh(1, jax.local_devices()) if n > 1 and jax.process_count() == 1 and batch % n == 0 else None
+
+
 class Cascade:
     """Base (+ SR) samplers compiled once per batch shape; ``load`` swaps in another model's weights."""
 
@@ -187,8 +198,9 @@ class Cascade:
         from dreambooth_jax.models import load_pretrained
 
         self.cfg = cfg
-        self.base = BaseSampler(load_pretrained(base_path), sampler="ddim", steps=cfg.sample_steps)
-        self.sr = (UpscaleSampler(load_pretrained(cfg.sr_model), sampler="ddim", steps=cfg.sr_steps)
+        mesh = data_mesh(cfg.batch)
+        self.base = BaseSampler(load_pretrained(base_path), sampler="ddim", steps=cfg.sample_steps, mesh=mesh)
+        self.sr = (UpscaleSampler(load_pretrained(cfg.sr_model), sampler="ddim", steps=cfg.sr_steps, mesh=mesh)
                    if cfg.sr_model else None)
 
     def load(self, base_path: str) -> None:
@@ -280,7 +292,7 @@ def write_report(out: Path, result: dict) -> None:
 
 def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
     """Generate (or read) the images, score them, write the report; returns metrics.json's content."""
-    from dreambooth_jax.evaluation.encoders import load_encoders
+    from dreambooth_jax.evaluation.encoders import BATCH, load_encoders
     from dreambooth_jax.sampling import check_output_folder
 
     check_config(cfg)
@@ -292,7 +304,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
     prompts = [M.fill(t, cfg.identifier, cfg.class_noun) for t in templates]
     texts = [M.clip_t_text(t, cfg.class_noun) for t in templates]
     class_prompt = f"a {cfg.class_noun}"
-    enc = load_encoders(cfg.dino, cfg.clip, cfg.lpips)
+    enc = load_encoders(cfg.dino, cfg.clip, cfg.lpips, mesh=data_mesh(BATCH))
     real_imgs = load_photos(files)
     real = {"dino": enc.dino(real_imgs), "clip": enc.clip_image(real_imgs)}
     images: dict[str, tuple] = {}
