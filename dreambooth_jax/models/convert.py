@@ -180,15 +180,18 @@ def fsync_path(path: str | Path) -> None:
 
 
 # diffusion_pytorch_model.safetensors, model.fp16.safetensors, model-00001-of-00002.safetensors,
-# model.fp16-00001-of-00002.safetensors, and their .safetensors.index.json
+# model.fp16-00001-of-00002.safetensors, and their index: model.safetensors.index.json, for a variant
+# model.safetensors.index.fp16.json (transformers' and diffusers' name) or model.fp16.safetensors.index.json
 _WEIGHT_FILE = re.compile(r"^(?P<stem>diffusion_pytorch_model|model)(?:\.(?P<variant>[A-Za-z0-9_]+))?"
-                          r"(?:-\d{5}-of-\d{5})?\.safetensors(?P<index>\.index\.json)?$")
+                          r"(?:-\d{5}-of-\d{5})?\.safetensors(?P<index>\.index(?:\.(?P<ivariant>[A-Za-z0-9_]+))?\.json)?$")
 
 
 def parse_weight_file_name(name: str) -> tuple[str, str | None, bool] | None:
     """``(stem, variant or None, is_index)`` of a diffusers/transformers weight file name, or None."""
     m = _WEIGHT_FILE.match(name)
-    return (m["stem"], m["variant"], bool(m["index"])) if m else None
+    if not m or (m["variant"] and m["ivariant"]):
+        return None
+    return m["stem"], m["variant"] or m["ivariant"], bool(m["index"])
 
 
 def load_component_weights(folder: Path, stem: str, *, allow_pickle: bool = False,
@@ -203,6 +206,8 @@ def load_component_weights(folder: Path, stem: str, *, allow_pickle: bool = Fals
     single, index = folder / f"{name}.safetensors", folder / f"{name}.safetensors.index.json"
     if single.is_file():
         return read_safetensors(single)
+    if variant and not index.is_file():  # model.safetensors.index.fp16.json: how transformers/diffusers name it
+        index = folder / f"{stem}.safetensors.index.{variant}.json"
     if index.is_file():
         return read_sharded(index)
     pickled = folder / f"{name}.bin"

@@ -139,11 +139,11 @@ def tokenize(tokenizer, prompts: list[str] | str, max_length: int | None = None)
     prompts = list(prompts)
     n = max_length or tokenizer.model_max_length
     ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True).input_ids
-    _warn_truncated(tokenizer, prompts, n)
+    warn_truncated(tokenizer, prompts, n)
     return np.asarray(ids, dtype=np.int32)
 
 
-def _warn_truncated(tokenizer, prompts: list[str], n: int) -> None:
+def warn_truncated(tokenizer, prompts: list[str], n: int) -> None:
     """Warn for each prompt cut at ``n`` tokens. Counted word by word (CLIP's BPE never merges
     across whitespace, so the counts add up), so that the warning names whole words."""
     specials = len(tokenizer("").input_ids)  # <start> and <end>
