@@ -38,10 +38,10 @@ def _edit_config(folder, **changes):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("resnet_time_scale_shift", "scale_shift", "unsupported value 'scale_shift' for config key 'resnet_time_scale_shift'"),
-    ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"], "down_block_types"),
+    ("resnet_time_scale_shift", "spatial", "unsupported value 'spatial' for 'resnet_time_scale_shift'"),
+    ("down_block_types", ["KDownBlock2D", "DownBlock2D"], "down_block_types"),
     ("my_new_option", 3, "unknown config key 'my_new_option'"),
-    ("class_embed_type", "timestep", "class_embed_type"),
+    ("class_embed_type", "projection", "class_embed_type"),
 ])
 def test_unsupported_unet_config(sd1_copy, key, value, match):
     _edit_config(sd1_copy / "unet", **{key: value})

@@ -7,6 +7,8 @@ weight conversion in ``convert.py`` relies on this. Tensors are NHWC (channels l
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -89,6 +91,21 @@ def with_remat(module: nnx.Module, remat: bool) -> nnx.Module:
     return view
 
 
+# diffusers' ``get_activation`` names we implement (torch's nn.GELU is the exact, erf-based GELU)
+ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": functools.partial(jax.nn.gelu, approximate=False)}
+
+
+def upsample_nearest(x):
+    """x2 nearest-neighbour upsampling of NHWC input (torch ``F.interpolate(scale_factor=2.0)``)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool2(x):
+    """2x2 average pooling, stride 2, of NHWC input with even sides (torch ``AvgPool2d(2, 2)``)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
 class Placeholder(nnx.Module):
     """Holds the index of a parameter-free torch module (Dropout, activation) in a list."""
 
@@ -97,23 +114,46 @@ class Placeholder(nnx.Module):
 
 
 class ResnetBlock2D(nnx.Module):
-    """diffusers ResnetBlock2D (pre-norm, 'default' time embedding norm, SiLU)."""
+    """diffusers ResnetBlock2D (pre-norm, no dropout).
+
+    act: the nonlinearity (a key of ACTIVATIONS). scale_shift: diffusers' time_embedding_norm
+    'scale_shift' (the time embedding projects to a scale and a shift applied after norm2) instead
+    of 'default' (added before norm2). skip_time_act: no nonlinearity on the time embedding before
+    its projection. resample: 'down' / 'up' resamples input and hidden state after norm1 (2x2
+    average pooling / nearest x2: the ``down=True`` / ``up=True`` blocks IF uses as its
+    down/upsamplers).
+    """
 
     def __init__(self, cin: int, cout: int, temb_channels: int | None, groups: int, eps: float,
-                 opts: ModelOptions, *, rngs: nnx.Rngs, output_scale_factor: float = 1.0):
+                 opts: ModelOptions, *, rngs: nnx.Rngs, output_scale_factor: float = 1.0, act: str = "silu",
+                 scale_shift: bool = False, skip_time_act: bool = False, resample: str | None = None):
         self.norm1 = GroupNorm(groups, cin, eps, opts, rngs=rngs)
         self.conv1 = Conv2d(cin, cout, 3, opts, padding=1, rngs=rngs)
-        self.time_emb_proj = Linear(temb_channels, cout, opts, rngs=rngs) if temb_channels else None
+        self.time_emb_proj = (Linear(temb_channels, cout * (2 if scale_shift else 1), opts, rngs=rngs)
+                              if temb_channels else None)
         self.norm2 = GroupNorm(groups, cout, eps, opts, rngs=rngs)
         self.conv2 = Conv2d(cout, cout, 3, opts, padding=1, rngs=rngs)
         self.conv_shortcut = Conv2d(cin, cout, 1, opts, rngs=rngs) if cin != cout else None
         self.output_scale_factor = output_scale_factor
+        self.act, self.scale_shift, self.skip_time_act, self.resample = act, scale_shift, skip_time_act, resample
 
     def __call__(self, x, temb=None):
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        act = ACTIVATIONS[self.act]
+        h = act(self.norm1(x))
+        if self.resample is not None:
+            resample = avg_pool2 if self.resample == "down" else upsample_nearest
+            x, h = resample(x), resample(h)
+        h = self.conv1(h)
+        if self.time_emb_proj is None:
+            h = self.norm2(h)
+        else:
+            t = self.time_emb_proj(temb if self.skip_time_act else act(temb))[:, None, None, :]
+            if self.scale_shift:
+                scale, shift = jnp.split(t, 2, axis=-1)
+                h = self.norm2(h) * (1 + scale) + shift
+            else:
+                h = self.norm2(h + t)
+        h = self.conv2(act(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -142,32 +182,44 @@ class Upsample2D(nnx.Module):
         self.conv = Conv2d(channels, channels, 3, opts, padding=1, rngs=rngs)
 
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return self.conv(upsample_nearest(x))
 
 
 class Attention(nnx.Module):
-    """diffusers ``Attention`` for the configurations SD uses.
+    """diffusers ``Attention`` for the configurations SD, its VAE and DeepFloyd IF use.
 
     Token input (B, L, C) for the UNet transformer blocks. With ``group_norm_groups`` set it is
-    the VAE mid-block attention: NHWC input, group norm first, residual added at the end.
+    spatial attention: NHWC input, group norm first, residual added at the end (the VAE
+    mid-block). With ``added_kv_dim`` as well it is IF's added-KV attention (diffusers'
+    ``AttnAddedKVProcessor``): the context, group-normed first if ``cross_norm_groups`` is set
+    (``cross_attention_norm="group_norm"``), is projected by ``add_k_proj`` / ``add_v_proj`` to
+    keys and values placed before the image tokens' own; ``self_kv=False`` (diffusers'
+    ``only_cross_attention``) drops the latter, and with them ``to_k`` / ``to_v``.
+
+    mask: optional (B, L_context) bool, True for context tokens that may be attended to (the image
+    tokens' own keys always may).
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, opts: ModelOptions, *,
                  rngs: nnx.Rngs, cross_dim: int | None = None, bias: bool = False,
-                 group_norm_groups: int | None = None, eps: float = 1e-6):
+                 group_norm_groups: int | None = None, eps: float = 1e-6, added_kv_dim: int | None = None,
+                 cross_norm_groups: int | None = None, self_kv: bool = True):
         inner = heads * head_dim
         kv_dim = cross_dim or query_dim
         self.heads = heads
         self.attention_impl = opts.attention
         self.group_norm = (GroupNorm(group_norm_groups, query_dim, eps, opts, rngs=rngs)
                            if group_norm_groups else None)
+        self.norm_cross = (GroupNorm(cross_norm_groups, added_kv_dim, 1e-5, opts, rngs=rngs)
+                           if added_kv_dim and cross_norm_groups else None)
         self.to_q = Linear(query_dim, inner, opts, use_bias=bias, rngs=rngs)
-        self.to_k = Linear(kv_dim, inner, opts, use_bias=bias, rngs=rngs)
-        self.to_v = Linear(kv_dim, inner, opts, use_bias=bias, rngs=rngs)
+        self.to_k = Linear(kv_dim, inner, opts, use_bias=bias, rngs=rngs) if self_kv else None
+        self.to_v = Linear(kv_dim, inner, opts, use_bias=bias, rngs=rngs) if self_kv else None
+        self.add_k_proj = Linear(added_kv_dim, inner, opts, rngs=rngs) if added_kv_dim else None
+        self.add_v_proj = Linear(added_kv_dim, inner, opts, rngs=rngs) if added_kv_dim else None
         self.to_out = nnx.List([Linear(inner, query_dim, opts, rngs=rngs), Placeholder()])
 
-    def __call__(self, x, context=None):
+    def __call__(self, x, context=None, mask=None):
         spatial = x.ndim == 4
         residual = x
         if spatial:
@@ -175,10 +227,21 @@ class Attention(nnx.Module):
             x = x.reshape(b, hh * ww, c)
         if self.group_norm is not None:
             x = self.group_norm(x)
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q = self.to_q(x)
+        if self.add_k_proj is not None:
+            ctx = context if self.norm_cross is None else self.norm_cross(context)
+            k, v = self.add_k_proj(ctx), self.add_v_proj(ctx)
+            if self.to_k is not None:
+                k = jnp.concatenate([k, self.to_k(x)], axis=1)
+                v = jnp.concatenate([v, self.to_v(x)], axis=1)
+                if mask is not None:
+                    mask = jnp.pad(mask, ((0, 0), (0, x.shape[1])), constant_values=True)
+        else:
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
-        out = attention(split(q), split(k), split(v), impl=self.attention_impl)
+        out = attention(split(q), split(k), split(v), impl=self.attention_impl,
+                        mask=None if mask is None else mask[:, None, None, :])
         out = self.to_out[0](out.reshape(out.shape[0], out.shape[1], -1))
         if spatial:
             out = out.reshape(residual.shape)
@@ -220,9 +283,9 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = LayerNorm(dim, 1e-5, opts, rngs=rngs)
         self.ff = FeedForward(dim, opts, rngs=rngs)
 
-    def __call__(self, x, context):
+    def __call__(self, x, context, mask=None):
         x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -246,7 +309,8 @@ class Transformer2DModel(nnx.Module):
                                   only_cross_attention=only_cross_attention)
             for _ in range(layers)])
 
-    def __call__(self, x, context):
+    def __call__(self, x, context, mask=None):
+        """mask: optional (B, L_context) bool, True for context tokens the cross-attention may see."""
         b, hh, ww, c = x.shape
         residual = x
         h = self.norm(x)
@@ -256,7 +320,7 @@ class Transformer2DModel(nnx.Module):
         if self.use_linear_projection:
             h = self.proj_in(h)
         for blk in self.transformer_blocks:  # remat, if on, wraps this whole module (unet.py)
-            h = blk(h, context)
+            h = blk(h, context, mask)
         if self.use_linear_projection:
             h = self.proj_out(h)
         h = h.reshape(b, hh, ww, h.shape[-1])
