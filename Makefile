@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-core check-env test test-other-cpu test-faults test-all demo clean
+.PHONY: setup setup-core check-env memory-report-tpu test test-other-cpu test-faults test-all demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,7 +38,7 @@ test: setup
 # SSE4.2): their bounds must hold on any CPU, not only on the one they were written on.
 test-other-cpu: setup
 	ATEN_CPU_CAPABILITY=default XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=SSE4_2" \
-		$(BIN)/python -m pytest -q tests/test_schedules.py tests/test_samplers.py
+		$(BIN)/python -m pytest -q tests/test_schedules.py tests/test_samplers.py tests/test_samplers_if.py
 
 # Real processes preempted, killed, locked out and out of disk, then resumed (a few minutes).
 test-faults: setup
@@ -54,6 +54,11 @@ demo: setup-core
 # Is this environment able to run the package (another Python, jax, a TPU/GPU runtime)? PASS or FAIL.
 check-env: setup-core
 	$(BIN)/python scripts/check_env.py
+
+# The README's memory table as the TPU compiler sees it (v5e, ahead of time: libtpu only, no TPU).
+memory-report-tpu: setup
+	$(BIN)/pip install -q --no-deps --target .libtpu "libtpu==$$($(BIN)/python -c 'import importlib.metadata as m; print([r.split("==")[1].split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")][0])')"
+	PYTHONPATH=.libtpu JAX_PLATFORMS=cpu $(BIN)/python scripts/scale_report.py --table --target tpu-v5e
 
 clean:
 	rm -rf $(VENV) out

@@ -301,12 +301,12 @@ SOURCE = "ckpt/scheduler/scheduler_config.json"
 
 
 @pytest.mark.parametrize("key,value,fragments", [
-    ("thresholding", True, ["thresholding=True", "supported: False"]),
+    ("dynamic_thresholding_ratio", 1.5, ["dynamic_thresholding_ratio=1.5", "[0, 1]"]),
     ("beta_schedule", "sigmoid", ["beta_schedule='sigmoid'", "'linear', 'scaled_linear', 'squaredcos_cap_v2'"]),
     ("prediction_type", "flow_prediction",
      ["prediction_type='flow_prediction'", "'epsilon', 'v_prediction', 'sample'"]),
     ("timestep_spacing", "uniform", ["timestep_spacing='uniform'", "'leading', 'trailing', 'linspace'"]),
-    ("variance_type", "learned_range", ["variance_type='learned_range'", "'fixed_small'"]),
+    ("variance_type", "fixed_large_log", ["variance_type='fixed_large_log'", "'fixed_small'"]),
     ("use_beta_sigmas", True, ["use_beta_sigmas=True", "supported: False"]),
     ("clip_sample", "yes", ["clip_sample='yes'", "true or false"]),
     ("num_train_timesteps", 0, ["num_train_timesteps=0", "positive integer"]),

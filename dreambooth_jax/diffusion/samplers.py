@@ -9,14 +9,31 @@ denoising loop is one ``lax.fori_loop`` (:func:`sample_loop`). Runtime floats (D
 traced values; the number of steps is static.
 
 Samplers (diffusers class they reproduce):
-  ddpm      DDPMScheduler (ancestral; variance_type fixed_small / fixed_small_log / fixed_large)
-  ddim      DDIMScheduler (eta, set_alpha_to_one, clip_sample)
+  ddpm      DDPMScheduler (ancestral; variance_type fixed_small / fixed_small_log / fixed_large /
+            learned / learned_range; clip_sample or dynamic thresholding)
+  ddim      DDIMScheduler (eta, set_alpha_to_one, clip_sample or dynamic thresholding)
   dpmpp_2m  DPMSolverMultistepScheduler, algorithm_type dpmsolver++, solver_order 2, midpoint
+            (dynamic thresholding)
   euler     EulerDiscreteScheduler
   euler_a   EulerAncestralDiscreteScheduler (epsilon / v_prediction only, as diffusers)
 
 Ancestral noise for step ``i`` is ``normal(fold_in(key, i))`` (:func:`ancestral_noise`); ``step``
 also takes it explicitly (``noise=``) so tests can feed the same draw to diffusers. Arrays are NHWC.
+
+Models with a learned variance (DeepFloyd IF: ``variance_type="learned_range"``) output twice the
+sample's channels, the prediction then the variance (``[eps, v]`` on the last axis). Every sampler
+accepts such an output (``model_output.shape[-1] == 2 * sample.shape[-1]``): ``ddpm`` with a learned
+``variance_type`` (``Sampler.learned_variance``) reads both halves, as diffusers' DDPMScheduler does;
+every other sampler uses the first half only, as diffusers' IF pipelines (which split the output for
+schedulers without a learned variance type) and DPMSolverMultistepScheduler (``model_output[:, :3]``)
+do. A learned-variance sampler given only the prediction raises. :func:`split_model_output` splits.
+
+Dynamic thresholding (Imagen; diffusers ``thresholding=True``, for pixel-space models such as IF)
+replaces ``clip_sample`` on the predicted x0 of ddpm, ddim and dpmpp_2m: per sample, ``s`` is the
+``dynamic_thresholding_ratio`` quantile of |x0| (linear interpolation, as ``torch.quantile``),
+clamped to [1, ``sample_max_value``], and x0 becomes clip(x0, -s, s) / s (:func:`threshold_sample`).
+The Euler schedulers have no thresholding in diffusers, so a config's ``thresholding`` does not
+reach them (as ``EulerDiscreteScheduler.from_config`` ignores it).
 """
 
 from __future__ import annotations
@@ -42,6 +59,7 @@ SAMPLERS = tuple(SAMPLER_CLASSES)
 # diffusers scheduler reads use_karras_sigmas (the pipelines set it for the suffix).
 SAMPLER_NAMES = SAMPLERS + ("dpmpp_2m_karras", "euler_karras")
 _STOCHASTIC = frozenset({"ddpm", "ddim", "euler_a"})
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 # Settings the sampler name fixes: "dpmpp_2m" is DPM-Solver++ 2M whatever the checkpoint's config says.
 _FIXED: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "dpmpp_2m": MappingProxyType({"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"})})
@@ -52,7 +70,8 @@ _F32 = np.float32
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["timesteps", "tables"],
-                   meta_fields=["name", "num_steps", "init_noise_sigma", "prediction_type", "clip_range"])
+                   meta_fields=["name", "num_steps", "init_noise_sigma", "prediction_type", "clip_range",
+                                "variance_type", "thresholding"])
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """Per-step arrays of one sampler at a fixed number of steps (a pytree; metadata is static).
@@ -60,7 +79,10 @@ class Sampler:
     timesteps: (num_steps,) what the model is told at step i: int32 for ddpm/ddim/dpmpp_2m, float32
     for euler/euler_a (diffusers' Euler timesteps are fractional). tables: name -> (num_steps,)
     float32 per-step coefficients. init_noise_sigma: scale of the initial standard-normal latents.
-    clip_range: x0 is clipped to [-clip_range, clip_range] (ddpm/ddim clip_sample), or None."""
+    clip_range: x0 is clipped to [-clip_range, clip_range] (ddpm/ddim clip_sample), or None.
+    variance_type: ddpm's variance type (None for the other samplers); "learned" / "learned_range"
+    read the model's predicted variance (``learned_variance``). thresholding: (dynamic_thresholding_ratio,
+    sample_max_value) when x0 is dynamically thresholded (then clip_range is None), else None."""
 
     timesteps: jax.Array
     tables: dict[str, jax.Array]
@@ -69,6 +91,15 @@ class Sampler:
     init_noise_sigma: float
     prediction_type: str
     clip_range: float | None = None
+    variance_type: str | None = None
+    thresholding: tuple[float, float] | None = None
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether ``step`` reads a predicted variance: the model output must then hold twice the
+        sample's channels, ``[prediction, variance]`` (ddpm with variance_type learned / learned_range).
+        Other samplers take such an output too and ignore its second half."""
+        return self.variance_type in LEARNED_VARIANCE_TYPES
 
     @property
     def stochastic(self) -> bool:
@@ -94,7 +125,14 @@ class Sampler:
 
         Pure; ``i`` may be traced. ``eta`` (DDIM only, ignored elsewhere) is traced too. Stochastic
         samplers use ``noise`` if given, else ``ancestral_noise(key, i, sample.shape)``. Math is in
-        float32; the result has ``sample``'s dtype."""
+        float32; the result has ``sample``'s dtype. ``model_output`` has the sample's channels, or
+        twice as many (``[prediction, variance]``, see :func:`split_model_output`): required when
+        ``learned_variance``, else its second half is ignored."""
+        model_output, variance = split_model_output(model_output, sample.shape[-1])
+        if self.learned_variance and variance is None:
+            raise ValueError(f"sampler {self.name!r} has variance_type={self.variance_type!r}: the model output must "
+                             f"hold the predicted variance too ({2 * sample.shape[-1]} channels, [prediction, "
+                             f"variance]); got {model_output.shape[-1]}")
         noise_value = None
         if self.stochastic:
             if noise is None:
@@ -104,8 +142,58 @@ class Sampler:
             noise_value = noise.astype(jnp.float32)
         tab = {k: v[i] for k, v in self.tables.items()}
         x, out = sample.astype(jnp.float32), model_output.astype(jnp.float32)
+        if self.learned_variance:
+            tab["predicted_variance"] = variance.astype(jnp.float32)
         prev, state = _STEPS[self.name](self, tab, state, x, out, jnp.asarray(eta, jnp.float32), noise_value)
         return prev.astype(sample.dtype), state
+
+
+def split_model_output(model_output: jax.Array, channels: int) -> tuple[jax.Array, jax.Array | None]:
+    """(prediction, predicted variance) of a model output with ``2 * channels`` channels on the last
+    axis (IF's UNets: epsilon then the variance value v in [-1, 1] for learned_range), split as
+    diffusers' ``torch.split(model_output, channels, dim=1)``; any other output is (model_output, None).
+
+    With classifier-free guidance, guide the prediction halves only and keep the conditional
+    branch's variance, as diffusers' IF pipelines do:
+    ``concatenate([eps_u + g * (eps_c - eps_u), var_c], axis=-1)``."""
+    if model_output.shape[-1] == 2 * channels:
+        return model_output[..., :channels], model_output[..., channels:]
+    return model_output, None
+
+
+def threshold_sample(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:
+    """diffusers' ``_threshold_sample`` (dynamic thresholding, Imagen) of a float32 batch: per example,
+    s = quantile(|x0|, ratio) over all non-batch elements, clamped to [1, max_value]; then
+    clip(x0, -s, s) / s. The quantile is ``torch.quantile``'s linear interpolation, computed as torch
+    does: rank = float32(ratio) * (n - 1) rounded to float32 (static here), the two neighbouring order
+    statistics, and torch's ``lerp`` (start + w (end - start) for w < 0.5, else end - (end - start)(1 - w)).
+    s matches torch's bit for bit where the lerp rounds nowhere, else within 1 ulp (torch's AVX2
+    kernel fuses the multiply-add; its generic one and XLA may not); clamp and clip are exact and the
+    division correctly rounded on both sides. NaN anywhere gives NaN (torch sets the rank to the last
+    index, where its sort puts NaN)."""
+    b = x0.shape[0]
+    flat = x0.reshape(b, -1)
+    lo, hi, w = _quantile_rank(ratio, flat.shape[1])
+    srt = jnp.sort(jnp.abs(flat), axis=1)
+    below, above = srt[:, lo], srt[:, hi]
+    if w < 0.5:
+        q = below + w * (above - below)
+    else:
+        q = above - (above - below) * (_F32(1) - w)
+    q = jnp.where(jnp.isnan(flat).any(axis=1), jnp.float32(jnp.nan), q)
+    s = jnp.clip(q, 1.0, jnp.float32(max_value))[:, None]
+    # XLA rewrites a division by a broadcast into a multiplication by the reciprocal (two roundings,
+    # up to ~1 ulp off torch's correctly rounded quotient); behind the barrier it divides
+    s_full = jax.lax.optimization_barrier(jnp.broadcast_to(s, flat.shape))
+    return (jnp.clip(flat, -s, s) / s_full).reshape(x0.shape)
+
+
+def _quantile_rank(ratio: float, n: int) -> tuple[int, int, np.float32]:
+    """torch.quantile's rank for ``n`` values: r = float32(ratio) * float32(n - 1) in float32; the
+    indices below and above it and the weight r - floor(r) (exact)."""
+    rank = _F32(_F32(ratio) * _F32(n - 1))
+    lo = int(np.floor(rank))
+    return lo, int(np.ceil(rank)), _F32(rank - _F32(lo))
 
 
 def ancestral_noise(key: jax.Array, i: jax.Array | int, shape: tuple[int, ...],
@@ -123,7 +211,9 @@ def sample_loop(sampler: Sampler, model_fn: Callable[[jax.Array, jax.Array], jax
 
     ``latents`` must already be multiplied by ``sampler.init_noise_sigma`` (as diffusers'
     ``prepare_latents`` does). ``model_fn(x_in, t)`` gets the scaled input and the scalar timestep
-    ``sampler.timesteps[i]`` and returns the model output (the schedule's prediction type)."""
+    ``sampler.timesteps[i]`` and returns the model output (the schedule's prediction type), with
+    the sample's channels or, for a learned-variance model, twice as many (``[prediction,
+    variance]``: required when ``sampler.learned_variance``, else the variance half is dropped)."""
     def body(i, carry):
         x, state = carry
         out = model_fn(sampler.scale_model_input(x, i), sampler.timesteps[i])
@@ -223,6 +313,16 @@ def _ddpm_tables(cfg: Mapping[str, Any], ac: np.ndarray, n: int) -> tuple[np.nda
     cur_b = _F32(1) - cur_a
     var = np.maximum((_F32(1) - a_prev) / (_F32(1) - a_t) * cur_b, _F32(1e-20))
     kind = cfg["variance_type"]
+    tables = dict(sqrt_a=np.sqrt(a_t), sqrt_b=np.sqrt(b_t), c_x0=(np.sqrt(a_prev) * cur_b) / b_t,
+                  c_x=(np.sqrt(cur_a) * b_prev) / b_t)
+    if kind in LEARNED_VARIANCE_TYPES:
+        # the noise scale depends on the model's predicted variance: on the device (_ddpm_step);
+        # learned_range interpolates between these two logs (diffusers' _get_variance)
+        tables["noise_on"] = (ts > 0).astype(np.float32)  # no noise at t = 0
+        if kind == "learned_range":
+            with np.errstate(divide="ignore"):
+                tables.update(min_log=np.log(var), max_log=np.log(cur_b))
+        return ts, tables, 1.0
     if kind in ("fixed_small", None):  # null (a DPM-Solver config's key) falls through to fixed_small in diffusers
         std = np.sqrt(var)
     elif kind == "fixed_small_log":
@@ -231,9 +331,8 @@ def _ddpm_tables(cfg: Mapping[str, Any], ac: np.ndarray, n: int) -> tuple[np.nda
         std = np.sqrt(cur_b)
     else:
         raise ConfigError(f"ddpm: variance_type={kind!r} is not supported; supported: 'fixed_small', "
-                          "'fixed_small_log', 'fixed_large'")
-    tables = dict(sqrt_a=np.sqrt(a_t), sqrt_b=np.sqrt(b_t), c_x0=(np.sqrt(a_prev) * cur_b) / b_t,
-                  c_x=(np.sqrt(cur_a) * b_prev) / b_t, std=np.where(ts > 0, std, _F32(0)))  # no noise at t = 0
+                          "'fixed_small_log', 'fixed_large', 'learned', 'learned_range'")
+    tables["std"] = np.where(ts > 0, std, _F32(0))  # no noise at t = 0
     return ts, tables, 1.0
 
 
@@ -380,12 +479,16 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_inference_steps: int, *
     if schedule.config.rescale_betas_zero_snr and name in ("dpmpp_2m", "euler", "euler_a"):
         ac[-1] = _F32(2.0 ** -24)  # sigma-space samplers need a finite last sigma, as in diffusers
     ts, tables, init = _TABLES[name](cfg, ac, int(num_inference_steps))
-    clip = cfg.get("clip_sample", False)
+    # diffusers: "if thresholding: threshold, elif clip_sample: clip" (only classes with the keys)
+    threshold = (float(cfg["dynamic_thresholding_ratio"]), float(cfg["sample_max_value"])) \
+        if cfg.get("thresholding", False) else None
+    clip = cfg.get("clip_sample", False) and threshold is None
     return Sampler(
         timesteps=jnp.asarray(ts, jnp.float32 if name in ("euler", "euler_a") else jnp.int32),
         tables={k: jnp.asarray(np.asarray(v, np.float32)) for k, v in tables.items()},
         name=name, num_steps=len(ts), init_noise_sigma=init, prediction_type=schedule.prediction_type,
-        clip_range=float(cfg["clip_sample_range"]) if clip else None)
+        clip_range=float(cfg["clip_sample_range"]) if clip else None,
+        variance_type=cfg["variance_type"] if name == "ddpm" else None, thresholding=threshold)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,13 +504,26 @@ def _x0_eps(kind: str, out: jax.Array, x: jax.Array, sqrt_a: jax.Array, sqrt_b: 
 
 
 def _clip(s: Sampler, x0: jax.Array) -> jax.Array:
+    """diffusers' step 3: dynamic thresholding if configured, else clip_sample, else nothing."""
+    if s.thresholding is not None:
+        return threshold_sample(x0, *s.thresholding)
     return x0 if s.clip_range is None else jnp.clip(x0, -s.clip_range, s.clip_range)
 
 
 def _ddpm_step(s: Sampler, tab, state, x, out, eta, noise):
     x0 = _clip(s, _x0_eps(s.prediction_type, out, x, tab["sqrt_a"], tab["sqrt_b"])[0])
     prev = tab["c_x0"] * x0 + tab["c_x"] * x
-    return prev + tab["std"] * noise, state
+    if not s.learned_variance:
+        return prev + tab["std"] * noise, state
+    v = tab["predicted_variance"]
+    if s.variance_type == "learned_range":
+        # diffusers: log variance = frac * log(beta_t) + (1 - frac) * log(clipped posterior variance),
+        # frac = (v + 1) / 2, and the noise is scaled by exp(0.5 * log variance)
+        frac = (v + 1) / 2
+        std = jnp.exp(0.5 * (frac * tab["max_log"] + (1 - frac) * tab["min_log"]))
+    else:  # "learned": the output is the variance itself; diffusers scales by its ** 0.5
+        std = jnp.sqrt(v)
+    return jnp.where(tab["noise_on"] > 0, prev + std * noise, prev), state
 
 
 def _ddim_step(s: Sampler, tab, state, x, out, eta, noise):
@@ -425,6 +541,7 @@ def _dpmpp_2m_step(s: Sampler, tab, state, x, out, eta, noise):
         x0 = tab["alpha_s"] * x - tab["sigma_s"] * out
     else:
         x0 = out
+    x0 = _clip(s, x0)  # DPM-Solver++ thresholds its x0 (convert_model_output); it has no clip_sample
     # first-order steps have inv_r0 = c_d1 = 0, so the second-order term vanishes exactly
     d1 = tab["inv_r0"] * (x0 - state["prev_x0"])
     prev = tab["c_x"] * x - tab["c_d0"] * x0 - tab["c_d1"] * d1

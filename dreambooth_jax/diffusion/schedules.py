@@ -39,21 +39,23 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 _SCHEDULE_DEFAULTS = MappingProxyType(dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
     prediction_type="epsilon", steps_offset=0))
+# Dynamic thresholding (DDPM, DDIM, DPM-Solver multistep): off by default.
+_THRESHOLD_DEFAULTS = MappingProxyType(dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0))
 _SIGMA_DEFAULTS = MappingProxyType(dict(
     use_karras_sigmas=False, use_exponential_sigmas=False, final_sigmas_type="zero", timestep_spacing="linspace",
     rescale_betas_zero_snr=False))
 CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "DDPMScheduler": MappingProxyType({
-        **_SCHEDULE_DEFAULTS, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
-        "timestep_spacing": "leading", "rescale_betas_zero_snr": False}),
+        **_SCHEDULE_DEFAULTS, **_THRESHOLD_DEFAULTS, "variance_type": "fixed_small", "clip_sample": True,
+        "clip_sample_range": 1.0, "timestep_spacing": "leading", "rescale_betas_zero_snr": False}),
     "DDIMScheduler": MappingProxyType({
-        **_SCHEDULE_DEFAULTS, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
-        "timestep_spacing": "leading", "rescale_betas_zero_snr": False}),
+        **_SCHEDULE_DEFAULTS, **_THRESHOLD_DEFAULTS, "clip_sample": True, "clip_sample_range": 1.0,
+        "set_alpha_to_one": True, "timestep_spacing": "leading", "rescale_betas_zero_snr": False}),
     "PNDMScheduler": MappingProxyType({
         **_SCHEDULE_DEFAULTS, "set_alpha_to_one": False, "timestep_spacing": "leading"}),
     "DPMSolverMultistepScheduler": MappingProxyType({
-        **_SCHEDULE_DEFAULTS, **_SIGMA_DEFAULTS, "solver_order": 2, "algorithm_type": "dpmsolver++",
-        "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+        **_SCHEDULE_DEFAULTS, **_SIGMA_DEFAULTS, **_THRESHOLD_DEFAULTS, "solver_order": 2,
+        "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
         "lambda_min_clipped": -math.inf, "variance_type": None}),
     "EulerDiscreteScheduler": MappingProxyType({
         **_SCHEDULE_DEFAULTS, **_SIGMA_DEFAULTS, "interpolation_type": "linear", "timestep_type": "discrete",
@@ -63,16 +65,19 @@ CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
 })
 SUPPORTED_CLASSES = tuple(CLASS_DEFAULTS)
 
-# How each key's value is checked: ("bool"|"int"|"float"|"opt_float"|"betas"|"any", None) or
-# ("choice", allowed values). A "choice" holding one value is a key we only implement at its default.
+# How each key's value is checked: ("bool"|"int"|"float"|"opt_float"|"ratio"|"positive"|"betas"|"any", None)
+# or ("choice", allowed values). A "choice" holding one value is a key we only implement at its default.
+# "ratio": a number in [0, 1] (torch.quantile's q); "positive": a number > 0.
 _SPEC: Mapping[str, tuple[str, tuple | None]] = MappingProxyType({
     "num_train_timesteps": ("int", None), "beta_start": ("float", None), "beta_end": ("float", None),
     "beta_schedule": ("choice", BETA_SCHEDULES), "trained_betas": ("betas", None),
     "prediction_type": ("choice", PREDICTION_TYPES), "timestep_spacing": ("choice", TIMESTEP_SPACINGS),
     "steps_offset": ("int", None), "clip_sample": ("bool", None), "clip_sample_range": ("float", None),
     "set_alpha_to_one": ("bool", None), "rescale_betas_zero_snr": ("bool", None),
-    "thresholding": ("choice", (False,)),
-    "variance_type": ("choice", ("fixed_small", "fixed_small_log", "fixed_large", None)),
+    "thresholding": ("bool", None), "dynamic_thresholding_ratio": ("ratio", None),
+    "sample_max_value": ("positive", None),
+    # "fixed_large_log" stays refused: diffusers' DDPM step takes the square root of log(beta) < 0 (NaN)
+    "variance_type": ("choice", ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range", None)),
     "use_karras_sigmas": ("bool", None), "use_exponential_sigmas": ("bool", None),
     "use_beta_sigmas": ("choice", (False,)), "use_lu_lambdas": ("choice", (False,)),
     "use_flow_sigmas": ("choice", (False,)),
@@ -86,11 +91,10 @@ _SPEC: Mapping[str, tuple[str, tuple | None]] = MappingProxyType({
     "interpolation_type": ("choice", ("linear", "log_linear")),
     "timestep_type": ("choice", ("discrete", "continuous")),
     "sigma_min": ("opt_float", None), "sigma_max": ("opt_float", None),
-    # Accepted without effect: PNDM's PRK switch (we never run PNDM), thresholding parameters
-    # (thresholding itself must be off), flow-matching shift settings (flow sigmas must be off), and
-    # eta, which diffusers takes as a step argument (ours: a traced runtime value), never config.
-    "skip_prk_steps": ("any", None), "dynamic_thresholding_ratio": ("any", None),
-    "sample_max_value": ("any", None), "flow_shift": ("any", None), "use_dynamic_shifting": ("any", None),
+    # Accepted without effect: PNDM's PRK switch (we never run PNDM), flow-matching shift settings
+    # (flow sigmas must be off), and eta, which diffusers takes as a step argument (ours: a traced
+    # runtime value), never config.
+    "skip_prk_steps": ("any", None), "flow_shift": ("any", None), "use_dynamic_shifting": ("any", None),
     "time_shift_type": ("any", None), "eta": ("any", None),
 })
 
@@ -124,11 +128,16 @@ def _check_value(key: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{bad}; expected a {'positive' if key == 'num_train_timesteps' else 'non-negative'} "
                               "integer")
         return value
-    if kind in ("float", "opt_float"):
+    if kind in ("float", "opt_float", "ratio", "positive"):
         if value is None and kind == "opt_float":
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{bad}; expected a number" + (" or null" if kind == "opt_float" else ""))
+        if kind == "ratio" and not 0 <= value <= 1:  # torch.quantile's q
+            raise ConfigError(f"{bad}; expected a number in [0, 1] (the quantile of |x0| that dynamic "
+                              "thresholding clips at)")
+        if kind == "positive" and not 0 < value < math.inf:
+            raise ConfigError(f"{bad}; expected a positive finite number")
         return float(value)
     # kind == "betas"
     if value is None:
@@ -160,6 +169,8 @@ class SchedulerConfig:
     set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
     thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     variance_type: str | None = "fixed_small"
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
@@ -184,7 +195,9 @@ class SchedulerConfig:
 
         Raises ConfigError (a ValueError) naming ``source``, the key, the value and what is supported
         when: ``_class_name`` is not one of SUPPORTED_CLASSES; a key is unknown; or a value is one we
-        do not implement (``thresholding: true``, an unknown beta_schedule / prediction_type, ...).
+        do not implement (``variance_type: "fixed_large_log"``, an unknown beta_schedule / prediction_type,
+        ``use_beta_sigmas: true``, ...) or that is invalid (``dynamic_thresholding_ratio`` outside [0, 1],
+        ``sample_max_value`` <= 0).
         Keys starting with ``_`` are metadata; those listed in ``_use_default_values`` count as absent
         (diffusers' from_config drops them too)."""
         if not isinstance(d, Mapping):
