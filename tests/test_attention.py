@@ -383,11 +383,17 @@ def test_accelerator_paths_fall_back_on_cpu(monkeypatch):
 
 
 def test_pallas_tpu_call_traces():
-    """The Pallas TPU flash-attention call is well-formed (traced, not run: no TPU here)."""
+    """The Pallas TPU flash-attention call is well-formed (traced, not run: no TPU here), on one
+    device and per shard under a mesh of all devices (scale_report --target tpu-v5e compiles it)."""
     pytest.importorskip("jax.experimental.pallas.ops.tpu.flash_attention")
-    q = jax.ShapeDtypeStruct((1, 1024, 2, 40), jnp.bfloat16)
-    out = jax.eval_shape(A._try_tpu_flash, q, q, q)
-    assert out is not None and out.shape == q.shape and out.dtype == q.dtype
+    from jax.sharding import Mesh
+
+    n = jax.device_count()
+    for devices, batch in ((jax.devices()[:1], 1), (jax.devices(), n)):
+        q = jax.ShapeDtypeStruct((batch, 1024, 2, 40), jnp.bfloat16)
+        with jax.set_mesh(Mesh(np.asarray(devices), ("data",))):
+            out = jax.eval_shape(A._try_tpu_flash, q, q, q)
+        assert out is not None and out.shape == q.shape and out.dtype == q.dtype
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU with cuDNN")
