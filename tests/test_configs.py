@@ -25,15 +25,28 @@ FAMILY = {
     "sd21-base": ("sd2", None),
     "sd21-768-v": ("sd2-v", None),
     "x4-upscaler-sr": ("sd1", "upscaler"),
-    "toy": (None, None),  # the config's own (shipped) toy models
 }
 # configs run end to end by another test (as shipped, sizes made small, with more checks): not run twice
 COVERED = {
     "tiny": ("test_train_e2e.py", "test_tiny_yaml_end_to_end"),
+    # the demo's embedded training config plus the toy paths (test_toy_yaml_is_the_demo_config)
+    "toy": ("test_demo.py", "test_dreambooth_binds_the_toy_subject"),
 }
 RUN = [p for p in CONFIGS if p.stem not in COVERED]
 # Only sizes and counts change; every other key keeps its shipped value.
 SMALL = dict(max_train_steps=2, sr_max_train_steps=2, class_steps=2, validation_steps=2, checkpoint_every=1)
+
+
+def test_toy_yaml_is_the_demo_config():
+    """configs/toy.yaml = the demo's training config (run by test_demo) + the toy world's paths."""
+    from dreambooth_jax.demo import TOY_PRIOR, TOY_SR, TOY_SUBJECT, TOY_TRAIN
+
+    toy = yaml.safe_load((ROOT / "configs" / "toy.yaml").read_text())
+    paths = {k: toy.pop(k) for k in ("model", "sr_model", "instance_dir", "instance_prompt", "class_prompt",
+                                     "output_dir")}
+    assert toy == yaml.safe_load(TOY_TRAIN.read_text())
+    for key, path in (("model", TOY_PRIOR), ("sr_model", TOY_SR), ("instance_dir", TOY_SUBJECT)):
+        assert (ROOT / paths[key]).resolve() == path.resolve(), key
 
 
 def test_every_config_is_covered():
