@@ -104,6 +104,8 @@ def make_train_step(unet_graphdef: nnx.GraphDef, schedule, tx: optax.GradientTra
             context = batch["context"]
         noisy, t, labels, target, snr = _denoise_inputs(cfg, schedule, low_res_schedule, batch, key)
         pred = model("unet", params, frozen, k_model)(noisy, t, context, class_labels=labels)
+        if pred.shape[-1] == 2 * target.shape[-1]:  # learned variance (DeepFloyd IF): the loss is on eps
+            pred = pred[..., :target.shape[-1]]  # only, as diffusers' IF DreamBooth script trains it
         weights = None if cfg.min_snr_gamma is None else min_snr_weights(snr, cfg.min_snr_gamma, prediction_type)
         return prior_preservation_loss(pred, target, batch["is_class"], cfg.prior_loss_weight, weights)
 
