@@ -15,6 +15,7 @@ from dreambooth_jax.errors import ConfigError
 from dreambooth_jax.models import ModelOptions, UNet2DConditionModel, UNetConfig, save_component
 from dreambooth_jax.models.convert import _to_torch_layout, flax_path_to_torch
 from dreambooth_jax.models.loading import load_unet
+from dreambooth_jax.testing.real_configs import IF_UNETS as REAL
 from dreambooth_jax.testing.reference import UNETS, _perturb, max_rel_err
 
 # Max |ours - diffusers| relative to max |diffusers output|. Both sides evaluate the same float32
@@ -114,45 +115,6 @@ def test_export_reloads_in_diffusers(tiny, tmp_path):
 # not the published model sizes (IF-I-XL "4.3B", IF-II-L "1.2B"), and diffusers' IF conversion
 # script gives super-resolution UNets resnet_out_scale_factor = mid_block_scale_factor = 1/0.7071:
 # check against the real files when a hub is reachable.
-REAL = {
-    "IF-I-XL-v1.0": {
-        "act_fn": "gelu", "addition_embed_type": "text", "addition_embed_type_num_heads": 64, "attention_head_dim": 64,
-        "block_out_channels": [512, 1024, 1536, 2048], "class_embed_type": None, "class_embeddings_concat": False,
-        "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 4096, "cross_attention_norm": "group_norm",
-        "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D",
-                             "SimpleCrossAttnDownBlock2D"],
-        "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": 4096,
-        "encoder_hid_dim_type": "text_proj", "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 3,
-        "layers_per_block": 3, "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
-        "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
-        "num_class_embeds": None, "only_cross_attention": False, "out_channels": 6,
-        "projection_class_embeddings_input_dim": None, "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": True,
-        "resnet_time_scale_shift": "scale_shift", "sample_size": 64, "time_cond_proj_dim": None,
-        "time_embedding_act_fn": "gelu", "time_embedding_dim": None, "time_embedding_type": "positional",
-        "timestep_post_act": None,
-        "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",
-                           "ResnetUpsampleBlock2D"],
-        "upcast_attention": False, "use_linear_projection": False},
-    "IF-II-L-v1.0": {
-        "act_fn": "gelu", "addition_embed_type": "text", "addition_embed_type_num_heads": 64, "attention_head_dim": 64,
-        "block_out_channels": [128, 256, 512, 1024, 1280, 1280], "class_embed_type": "timestep",
-        "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 1280,
-        "cross_attention_norm": "group_norm",
-        "down_block_types": ["ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D",
-                             "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
-        "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": 4096,
-        "encoder_hid_dim_type": "text_proj", "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 6,
-        "layers_per_block": [2, 2, 2, 3, 3, 3], "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
-        "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
-        "num_class_embeds": None, "only_cross_attention": False, "out_channels": 6,
-        "projection_class_embeddings_input_dim": None, "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": True,
-        "resnet_time_scale_shift": "scale_shift", "sample_size": 256, "time_cond_proj_dim": None,
-        "time_embedding_act_fn": "gelu", "time_embedding_dim": 1280, "time_embedding_type": "positional",
-        "timestep_post_act": None,
-        "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",
-                           "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"],
-        "upcast_attention": False, "use_linear_projection": False},
-}
 PARAMS = {"IF-I-XL-v1.0": 2_454_386_182, "IF-II-L-v1.0": 1_325_544_966}  # diffusers' count of these configs
 
 
