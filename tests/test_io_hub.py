@@ -165,10 +165,10 @@ def test_hub_id_is_downloaded_when_it_is_one(hub, tmp_path):
              "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.safetensors",
              "unet/diffusion_pytorch_model.bin", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
              "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
-             "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/spiece.model", "watermarker/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
              "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
              "big/diffusion_pytorch_model.safetensors.index.json", "big/diffusion_pytorch_model-00001-of-00002.safetensors",
              "config.json", "model.safetensors", "preprocessor_config.json"]  # + an encoder repo's root layout
     kept = set(filter_repo_objects(files, allow_patterns=kwargs["allow_patterns"],
                                    ignore_patterns=kwargs["ignore_patterns"]))
-    assert kept == {f for f in files if not any(x in f for x in ("pruned", ".fp16.", "non_ema", ".bin", "safety"))}
+    assert kept == {f for f in files if not any(x in f for x in ("pruned", ".fp16.", "non_ema", ".bin", "safety", "watermark"))}

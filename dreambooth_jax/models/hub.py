@@ -21,8 +21,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # (SD1.5's repo: ~20 GB in all, ~4 GB of it the pipeline loads).
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*.safetensors",
             "model.safetensors", "model-*.safetensors")
-_HUB_PATTERNS = ["*.json", "*.txt", *_WEIGHTS, *(f"*/{w}" for w in _WEIGHTS)]
-_HUB_IGNORE = ["safety_checker/*"]  # 1.2 GB that no sampler here uses
+_HUB_PATTERNS = ["*.json", "*.txt", "*/spiece.model", *_WEIGHTS, *(f"*/{w}" for w in _WEIGHTS)]  # spiece: IF's T5
+_HUB_IGNORE = ["safety_checker/*", "watermarker/*"]  # weights no sampler here uses
 HUB_TIMEOUT_ENV = "DREAMBOOTH_HUB_TIMEOUT"
 DEFAULT_HUB_TIMEOUT = 60.0  # seconds without download progress before we give up
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreambooth_jax.errors import CheckpointError
+from dreambooth_jax.errors import CheckpointError, ConfigError
 from dreambooth_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from dreambooth_jax.models.convert import load_component_weights, torch_to_state
 from dreambooth_jax.models.hub import looks_like_local_path, resolve_model_path  # noqa: F401  (public here too)
@@ -184,6 +184,9 @@ def load_pretrained(path_or_hub_id: str | Path, opts: ModelOptions = ModelOption
     """
     root = resolve_model_path(path_or_hub_id)
     index = _read_json(root / "model_index.json")
+    if str(index.get("_class_name", "")).startswith("IF"):
+        raise ConfigError(f"{root / 'model_index.json'}: {index['_class_name']} is a DeepFloyd IF pipeline (pixel "
+                          "space, T5 text encoder, no VAE): load it with dreambooth_jax.models.if_loading.load_if")
     pipe = Pipeline(path=root, model_index=index)
     for name in components:
         if name in _LOADERS:
