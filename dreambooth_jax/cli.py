@@ -58,37 +58,57 @@ class SchedulerChoice(click.Choice):
 
 
 _SR_ONLY = ("sr_steps", "sr_guidance", "sr_noise_level", "sr_lora", "sr_lora_scale")
+_SR2_ONLY = ("sr2_steps", "sr2_guidance", "sr2_noise_level")
+_BY_FAMILY = "default: {sd} for Stable Diffusion, {if_} for DeepFloyd IF"
 
 
 @main.command()
-@click.option("--model", required=True, help="Base model: diffusers folder or hub id.")
-@click.option("--sr-model", default="", help="Optional x4-upscaler folder or hub id (SR stage).")
+@click.option("--model", required=True,
+              help="Base model: a Stable Diffusion folder or hub id, or a DeepFloyd IF stage I folder (IF cascade).")
+@click.option("--sr-model", default="",
+              help="Optional SR stage: an x4-upscaler folder or hub id (Stable Diffusion), or the IF stage II folder "
+                   "(IF; output 4x stage I's size, prompt embeddings from stage I's T5).")
+@click.option("--sr2-model", default="",
+              help="IF only: the Stable Diffusion x4 upscaler as the cascade's third stage, after --sr-model "
+                   "(256 -> 1024 px with the real models).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (repeatable).")
 @click.option("--negative-prompt", default="", help="Negative prompt for classifier-free guidance.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--sr-steps", type=click.IntRange(min=1), default=50, show_default=True,
-              help="SR-stage steps (only with --sr-model).")
-@click.option("--scheduler", type=SchedulerChoice(), default="ddim", show_default=True,
-              help="Sampler; *_karras: with Karras sigmas.")
-@click.option("--guidance", type=click.FloatRange(min=0), default=7.5, show_default=True,
-              help="Classifier-free guidance scale (0: ignore the prompt, 1: no guidance, 5-10 usual).")
-@click.option("--sr-guidance", type=click.FloatRange(min=0), default=9.0, show_default=True,
-              help="SR-stage guidance scale (only with --sr-model).")
-@click.option("--sr-noise-level", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Upscaler noise augmentation, 0 to the upscaler's max_noise_level (350 for SD x4; "
-                   "only with --sr-model).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Base-stage sampling steps (" + _BY_FAMILY.format(sd=50, if_=100) + ").")
+@click.option("--sr-steps", type=click.IntRange(min=1), default=None,
+              help="SR-stage steps (only with --sr-model; default 50).")
+@click.option("--sr2-steps", type=click.IntRange(min=1), default=None,
+              help="x4-upscaler steps of an IF cascade (only with --sr2-model; default 50).")
+@click.option("--scheduler", type=SchedulerChoice(), default=None,
+              help="Sampler of every stage; *_karras: with Karras sigmas (" + _BY_FAMILY.format(sd="ddim", if_="ddpm")
+                   + ").")
+@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+              help="Classifier-free guidance scale (0: ignore the prompt, 1: no guidance; "
+                   + _BY_FAMILY.format(sd=7.5, if_=7.0) + ").")
+@click.option("--sr-guidance", type=click.FloatRange(min=0), default=None,
+              help="SR-stage guidance scale (only with --sr-model; " + _BY_FAMILY.format(sd=9.0, if_=4.0) + ").")
+@click.option("--sr2-guidance", type=click.FloatRange(min=0), default=None,
+              help="x4-upscaler guidance scale of an IF cascade (only with --sr2-model; default 9.0).")
+@click.option("--sr-noise-level", type=click.IntRange(min=0), default=None,
+              help="SR-stage noise augmentation (only with --sr-model): 0 to the upscaler's max_noise_level (350 for "
+                   "SD x4) or to IF stage II's image_noising_scheduler timesteps - 1 (999); "
+                   + _BY_FAMILY.format(sd=20, if_=250) + ".")
+@click.option("--sr2-noise-level", type=click.IntRange(min=0), default=None,
+              help="x4-upscaler noise augmentation of an IF cascade, 0 to its max_noise_level (only with "
+                   "--sr2-model; default 100, as diffusers' IF docs).")
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="DDIM eta, 0 (deterministic) to 1 (DDPM-like noise); --scheduler ddim only.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--height", type=click.IntRange(min=1), default=512, show_default=True,
-              help="A multiple of the model's VAE factor x UNet downsampling (64 for SD).")
-@click.option("--width", type=click.IntRange(min=1), default=512, show_default=True, help="As --height.")
+@click.option("--height", type=click.IntRange(min=1), default=None,
+              help="Base-stage height in pixels, a multiple of the model's VAE factor x UNet downsampling (64 for "
+                   "SD; " + _BY_FAMILY.format(sd=512, if_=64) + ").")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="As --height.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (trusted files only).")
 @click.option("--lora", multiple=True, metavar="FILE",
               help="LoRA .safetensors file (diffusers/peft or kohya/AUTOMATIC1111 format) folded into the base "
-                   "model's UNet and text encoder; repeatable, applied in order.")
+                   "model's UNet and text encoder; repeatable, applied in order (Stable Diffusion only).")
 @click.option("--lora-scale", type=float, multiple=True,
               help="LoRA strength (times the file's alpha/rank; default 1): give it once for all --lora files, "
                    "or once per --lora file, in the same order.")
@@ -99,18 +119,22 @@ _SR_ONLY = ("sr_steps", "sr_guidance", "sr_noise_level", "sr_lora", "sr_lora_sca
 def sample(**kwargs):
     """Generate images: base stage, then the x4 SR stage if --sr-model is given.
 
-    Every option is checked before a model is loaded."""
+    With a DeepFloyd IF stage I folder as --model: the IF cascade, stage I, then stage II
+    (--sr-model), then the x4 upscaler (--sr2-model). Options not given take the model family's
+    default. Every option is checked before a model is loaded."""
     from click.core import ParameterSource
 
     from dreambooth_jax.sampling import SampleConfig, run
 
     ctx = click.get_current_context()
-    if not kwargs["sr_model"]:
-        for name in _SR_ONLY:
-            if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
-                option = "--" + name.replace("_", "-")
-                raise click.UsageError(f"{option} is only used by the x4 upscaling stage; add --sr-model or "
-                                       f"drop {option}")
+    for model, names, stage in (("sr_model", _SR_ONLY, "the x4 upscaling stage"),
+                                ("sr2_model", _SR2_ONLY, "the third (x4 upscaler) stage of an IF cascade")):
+        if not kwargs[model]:
+            for name in names:
+                if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+                    option = "--" + name.replace("_", "-")
+                    raise click.UsageError(f"{option} is only used by {stage}; add --{model.replace('_', '-')} "
+                                           f"or drop {option}")
     for name in ("prompts", "lora", "lora_scale", "sr_lora", "sr_lora_scale"):
         kwargs[name] = list(kwargs[name])
     run(SampleConfig(**kwargs), progress=lambda m: click.echo(m, err=True))
