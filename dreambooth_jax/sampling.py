@@ -383,6 +383,28 @@ def _check_out_empty(out: Path) -> None:
         raise ConfigError(f"--out {out}: cannot read the folder: {e}") from None
 
 
+def _guidance_notes(cfg: SampleConfig, progress) -> None:
+    """The notes on unusual guidance scales, for each stage that runs."""
+    notes = [guidance_note(cfg.guidance, "--guidance")]
+    if cfg.sr_model:
+        notes.append(guidance_note(cfg.sr_guidance, "--sr-guidance"))
+    if cfg.sr2_model:
+        notes.append(guidance_note(cfg.sr2_guidance, "--sr2-guidance"))
+    for note in filter(None, notes):
+        progress(note)
+
+
+def _prepare(cfg: SampleConfig):
+    """(model options, the prompt of each image, their count, the mesh that splits them or None)."""
+    import jax.numpy as jnp
+
+    from dreambooth_jax.models import ModelOptions
+
+    enable_compilation_cache()
+    prompts = [p for p in cfg.prompts for _ in range(cfg.num_images)]
+    return ModelOptions(dtype=jnp.dtype(cfg.dtype)), prompts, len(prompts), _mesh(len(prompts))
+
+
 def run(cfg: SampleConfig, progress=print) -> dict:
     """Sample ``num_images`` per prompt: a Stable Diffusion base stage, then the x4 SR stage if
     ``sr_model``; or a DeepFloyd IF cascade (stage I, stage II if ``sr_model``, the x4 upscaler if
@@ -428,22 +450,11 @@ def run(cfg: SampleConfig, progress=print) -> dict:
         check_noise_level(cfg.sr_noise_level, _max_noise_level(cfg.sr_model, sr_index, "--sr-model"), cfg.sr_model)
     loras = read_lora_files(cfg.lora, cfg.lora_scale, "--lora")
     sr_loras = read_lora_files(cfg.sr_lora, cfg.sr_lora_scale, "--sr-lora")
-    notes = [guidance_note(cfg.guidance, "--guidance")]
-    if cfg.sr_model:
-        notes.append(guidance_note(cfg.sr_guidance, "--sr-guidance"))
-    for note in filter(None, notes):
-        progress(note)
-
-    import jax.numpy as jnp
-
+    _guidance_notes(cfg, progress)
     from dreambooth_jax.diffusion.pipeline import BaseSampler, UpscaleSampler
-    from dreambooth_jax.models import ModelOptions, load_pretrained
+    from dreambooth_jax.models import load_pretrained
 
-    enable_compilation_cache()
-    opts = ModelOptions(dtype=jnp.dtype(cfg.dtype))
-    prompts = [p for p in cfg.prompts for _ in range(cfg.num_images)]
-    n = len(prompts)
-    mesh = _mesh(n)
+    opts, prompts, n, mesh = _prepare(cfg)
     timings = {}
     progress(f"loading {cfg.model}")
     pipe = load_pretrained(str(base_root), opts, allow_pickle=cfg.allow_pickle)
@@ -571,26 +582,13 @@ def _run_if(cfg: SampleConfig, out: Path, root: Path, index: dict, progress) -> 
                               "the Stable Diffusion x4 upscaler (a pipeline with a low_res_scheduler)")
         check_noise_level(cfg.sr2_noise_level, _max_noise_level(cfg.sr2_model, sr2_index, "--sr2-model"),
                           cfg.sr2_model, option="--sr2-noise-level")
-    notes = [guidance_note(cfg.guidance, "--guidance")]
-    if cfg.sr_model:
-        notes.append(guidance_note(cfg.sr_guidance, "--sr-guidance"))
-    if cfg.sr2_model:
-        notes.append(guidance_note(cfg.sr2_guidance, "--sr2-guidance"))
-    for note in filter(None, notes):
-        progress(note)
-
-    import jax.numpy as jnp
-
+    _guidance_notes(cfg, progress)
     from dreambooth_jax.diffusion.if_pipeline import IFStageI, IFStageII, encode
     from dreambooth_jax.diffusion.pipeline import UpscaleSampler
-    from dreambooth_jax.models import ModelOptions, load_pretrained
+    from dreambooth_jax.models import load_pretrained
     from dreambooth_jax.models.if_loading import load_if
 
-    enable_compilation_cache()
-    opts = ModelOptions(dtype=jnp.dtype(cfg.dtype))
-    prompts = [p for p in cfg.prompts for _ in range(cfg.num_images)]
-    n = len(prompts)
-    mesh = _mesh(n)
+    opts, prompts, n, mesh = _prepare(cfg)
     timings = {}
     progress(f"loading {cfg.model} (DeepFloyd IF stage I)")
     pipe = load_if(root, opts, allow_pickle=cfg.allow_pickle)

@@ -36,7 +36,6 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ROOT.parent / "shared" / "data" / "dreambooth"
 BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 SIZE = 64  # px: AlexNet's relu5 map is 3x3 there, VGG's 4x4; enough for every layer to matter
 
@@ -214,11 +213,13 @@ def converted(tmp_path_factory):
     return get
 
 
-def photos(n: int) -> np.ndarray:
-    """n DreamBooth subject photos (two subjects), resized to SIZE px, in [-1, 1] (N, H, W, 3)."""
-    if not PHOTOS.is_dir():
-        pytest.skip(f"no DreamBooth photos at {PHOTOS}")
-    files = sorted((PHOTOS / "dog").glob("*.jpg"))[:n // 2] + sorted((PHOTOS / "cat").glob("*.jpg"))[:n - n // 2]
+def photos(n: int, tmp_path_factory) -> np.ndarray:
+    """n DreamBooth subject photos (two subjects; photo-like synthetic ones where ../shared is not
+    beside the checkout), resized to SIZE px, in [-1, 1] (N, H, W, 3)."""
+    from test_data_images import subject_photos
+
+    tmp = tmp_path_factory.mktemp("photos")
+    files = subject_photos(tmp, "dog")[:n // 2] + subject_photos(tmp, "cat")[:n - n // 2]
     ims = [np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE), Image.BICUBIC), np.float32) for f in files]
     return np.stack(ims) / 127.5 - 1
 
@@ -229,11 +230,11 @@ def rand_images(n: int, seed: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("net", ["alex", "vgg"])
-def test_parity(net, converted):
+def test_parity(net, converted, tmp_path_factory):
     """Same weights, same pairs: our distances equal lpips' within RTOL (measured on CPU, max rel
     err: alex 1.7e-7 random / 2.7e-7 photos / 8.6e-8 photo vs noisy copy; vgg 9.9e-8 / 7.8e-8 / 0)."""
     model, forward, _, which = converted(net)
-    x = photos(4)
+    x = photos(4, tmp_path_factory)
     cases = {"random": (rand_images(3, 1), rand_images(3, 2)),
              "photos": (x, x[[1, 2, 3, 0]]),  # dog-dog, dog-cat, cat-cat, cat-dog
              "photo vs noisy copy": (x[:2], np.clip(x[:2] + rand_images(2, 3) * 0.1, -1, 1))}
@@ -245,11 +246,11 @@ def test_parity(net, converted):
         assert rel.max() < RTOL, (name, ours, ref)
 
 
-def test_parity_is_sensitive(converted):
+def test_parity_is_sensitive(converted, tmp_path_factory):
     """RTOL catches real mistakes, even with random weights (whose normalized features react less
     than trained ones): any conv kernel with H and W swapped, or the last ReLU left out."""
     model, forward, _, _ = converted("alex")
-    x = photos(4)
+    x = photos(4, tmp_path_factory)
     a, b = np.concatenate([rand_images(2, 4), x]), np.concatenate([rand_images(2, 5), x[[1, 2, 3, 0]]])
     ref = forward(a, b)
     mistakes = {}
@@ -269,7 +270,7 @@ def test_parity_is_sensitive(converted):
 def test_replica_is_lpips(monkeypatch):
     """The fallback reference gives lpips' own numbers, bitwise (skipped without lpips)."""
     if importlib.util.find_spec("lpips") is None:
-        pytest.skip("lpips is not installed (pip install --no-deps lpips)")
+        pytest.skip("lpips is not installed (pip install --no-deps lpips)")  # justified: make setup installs it
     forward, backbone, heads, which = reference("alex", monkeypatch)
     assert which == "lpips package"
     feats = torchvision_features("alex")
@@ -287,7 +288,7 @@ def test_shipped_heads_convert(tmp_path, monkeypatch):
     conv = convert_script()
     heads = conv.default_heads("alex")
     if heads is None or not heads.is_file():
-        pytest.skip("lpips is not installed (pip install --no-deps lpips)")
+        pytest.skip("lpips is not installed (pip install --no-deps lpips)")  # justified: make setup installs it
     torch.manual_seed(0)
     backbone_path = tmp_path / BACKBONE_FILES["alex"]
     torch.save(_TorchvisionNet("alex").state_dict(), backbone_path)
@@ -297,9 +298,9 @@ def test_shipped_heads_convert(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- hand checks
-def test_hand_checks(converted):
+def test_hand_checks(converted, tmp_path_factory):
     model, _, path, _ = converted("alex")
-    x, y = rand_images(3, 8), photos(3)
+    x, y = rand_images(3, 8), photos(3, tmp_path_factory)
     # identical images: exactly 0, jitted (padded batch) and eager
     assert np.all(lpips_distance(model, x, x) == 0)
     assert np.all(np.asarray(model(jax.numpy.asarray(y), jax.numpy.asarray(y))) == 0)
