@@ -118,6 +118,7 @@ def test_export_reloads_in_diffusers(tiny, tmp_path):
 PARAMS = {"IF-I-XL-v1.0": 2_454_386_182, "IF-II-L-v1.0": 1_325_544_966}  # diffusers' count of these configs
 
 
+@pytest.mark.slow  # 6-14 s each (abstract builds of 1.3-2.5 B parameters); make test-all runs them
 @pytest.mark.parametrize("name", list(REAL))
 def test_real_configs_build_with_diffusers_parameters(name):
     from diffusers import UNet2DConditionModel as TorchUNet
