@@ -20,21 +20,6 @@ if torch is not None:
 FAMILIES = ("sd1", "sd2", "upscaler")
 
 
-# The longest tests (one to four minutes each on 2 cores) run first: with -n 2 --dist worksteal the
-# two workers then end together, instead of one running a long test alone at the end.
-_LONGEST_FIRST = (
-    "test_demo.py::test_dreambooth_binds_the_toy_subject", "test_run_safety.py::test_run_folder_lock",
-    "test_configs.py::test_shipped_config_runs_as_shipped", "test_train_e2e.py::test_sr_stage",
-    "test_train_e2e.py::test_tiny_yaml", "test_multihost.py::test_two_processes",
-    "test_train_e2e.py::test_train_text_encoder", "test_train_step.py::test_sharded_step",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: next((i for i, name in enumerate(_LONGEST_FIRST) if name in item.nodeid),
-                                     len(_LONGEST_FIRST)))
-
-
 @pytest.fixture(scope="session")
 def pipeline_dirs(tmp_path_factory):
     """{'sd1' | 'sd2' | 'upscaler': folder} built lazily, once per test session."""
