@@ -423,8 +423,7 @@ def test_per_shard_runs_an_unpartitionable_kernel_on_each_devices_slice():
     from dreambooth_jax.models.attention import current_backend, per_shard, target_backend
 
     if jax.device_count() < 4:
-        # justified: only a run without make test's 8 simulated devices lands here
-        pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+        pytest.skip("needs several simulated devices, as make test sets")  # justified: a run without XLA_FLAGS
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(8, 64, 2, 16)), jnp.float32) for _ in range(3))
     kernel = lambda a, b, c: A.attention(a, b, c, impl="matmul")  # noqa: E731
