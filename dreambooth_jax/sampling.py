@@ -40,8 +40,8 @@ class SampleConfig:
 
     ``sr_*`` are only used (and checked) with ``sr_model``, ``sr2_*`` with ``sr2_model``. ``lora``
     files are folded into the base model's UNet / text encoder in order, ``lora_scale`` times their
-    own alpha/rank (see :func:`lora_scales`); ``sr_lora`` into the SR model's (Stable Diffusion
-    only: LoRA files for IF are refused). ``eta`` only applies to the ``ddim`` scheduler: a
+    own alpha/rank (see :func:`lora_scales`); ``sr_lora`` into the SR model's (for IF: stage I's and
+    stage II's UNet; text-encoder adapters are refused, T5 takes none). ``eta`` only applies to the ``ddim`` scheduler: a
     non-zero eta with another scheduler is an error, not silently ignored. The scheduler is used
     by every stage.
     """
@@ -341,26 +341,14 @@ def enable_compilation_cache(path: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _if_kind(index: dict) -> str | None:
-    """"I" / "II" for a DeepFloyd IF pipeline's model_index.json, None for another family; ConfigError
-    for an ``IF*`` class we do not read."""
-    name = index.get("_class_name")
-    if not (isinstance(name, str) and name.startswith("IF")):
-        return None
-    from dreambooth_jax.models.if_loading import KINDS
-
-    if name not in KINDS:
-        raise ConfigError(f"_class_name {name!r} is not a DeepFloyd IF pipeline we can sample (expected "
-                          f"{', '.join(KINDS)})")
-    return KINDS[name]
-
-
 def _index_kind(model: str, option: str) -> tuple[Path, dict, str]:
     """(folder, model_index.json, kind): kind is "I" / "II" (DeepFloyd IF stages), "upscaler" (an SD x4
     upscaler: has a low_res_scheduler) or "sd" (another diffusers pipeline: text-to-image)."""
     root, index = _model_index(model, option)
+    from dreambooth_jax.models.if_loading import if_kind
+
     try:
-        kind = _if_kind(index)
+        kind = if_kind(index)
     except ConfigError as e:
         raise ConfigError(f"{option} {model}: {e}") from None
     return root, index, kind or ("upscaler" if "low_res_scheduler" in index else "sd")
@@ -551,10 +539,13 @@ def _run_if(cfg: SampleConfig, out: Path, root: Path, index: dict, progress) -> 
     ``sr_NNN.png`` (stage II), ``sr2_NNN.png`` (upscaler), a grid each, settings.json.
     """
     check_sample_config(cfg)
-    for option, files in (("--lora", cfg.lora), ("--sr-lora", cfg.sr_lora)):
-        if files:
-            raise ConfigError(f"{option}: LoRA files for IF are not supported yet (--model {cfg.model} is a "
-                              "DeepFloyd IF pipeline); drop " + option)
+    loras = read_lora_files(cfg.lora, cfg.lora_scale, "--lora")  # parsed before any model loads
+    sr_loras = read_lora_files(cfg.sr_lora, cfg.sr_lora_scale, "--sr-lora")
+    for option, parsed in (("--lora", loras), ("--sr-lora", sr_loras)):
+        for f, adapters, _ in parsed:
+            if set(adapters) - {"unet"}:
+                raise ConfigError(f"{option} {f} holds text-encoder adapters; DeepFloyd IF's T5 takes none (the IF "
+                                  "stages' LoRA files adapt the UNet only)")
     if index.get("text_encoder") is None or all(v is None for v in index.get("text_encoder") or [None]):
         raise ConfigError(f"--model {cfg.model}: this IF stage I folder names no text_encoder in its "
                           "model_index.json; sampling needs its T5 encoder to encode the prompts")
@@ -594,6 +585,7 @@ def _run_if(cfg: SampleConfig, out: Path, root: Path, index: dict, progress) -> 
     pipe = load_if(root, opts, allow_pickle=cfg.allow_pickle)
     if pipe.tokenizer is None:
         raise ConfigError(f"--model {cfg.model}: this IF stage I folder names no tokenizer in its model_index.json")
+    apply_lora_files(pipe, loras, "--lora", progress)
     stage1 = IFStageI(pipe, sampler=cfg.scheduler, steps=cfg.steps, mesh=mesh)
     try:  # the size's multiple depends on the model: checked before stage II is loaded
         stage1._check_size(cfg.height, cfg.width)
@@ -603,6 +595,7 @@ def _run_if(cfg: SampleConfig, out: Path, root: Path, index: dict, progress) -> 
     if cfg.sr_model:  # loaded before sampling: a bad stage must not cost a stage I run
         progress(f"loading SR model {cfg.sr_model} (DeepFloyd IF stage II)")
         pipe2 = load_if(sr_root, opts, components=("unet", "scheduler"), allow_pickle=cfg.allow_pickle)
+        apply_lora_files(pipe2, sr_loras, "--sr-lora", progress)
         d_t5, d_unet = pipe.text_encoder.config.d_model, pipe2.unet.config.encoder_hid_dim
         if d_unet is not None and d_unet != d_t5:
             raise ConfigError(f"--sr-model {cfg.sr_model}: its UNet takes {d_unet}-wide text embeddings, the T5 "

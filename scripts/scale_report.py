@@ -71,6 +71,7 @@ TABLE = [
 ]
 # DeepFloyd IF (issue 14): the two stages at their real sizes, with the T5 embeddings precomputed
 IF_TABLE = [
+    ("T5-XXL encoder, the one-time prompt embedding pass (bf16, 8 prompts), one device", "t5", 77, 8, 1, 0, "", None),
     ("IF-I-XL full fine-tuning (AdamW), fsdp 8, per device", "if1", 64, 8, 8, 0, "adamw", None),
     ("IF-I-XL LoRA rank 16, one device", "if1", 64, 2, 1, 16, "adamw", None),
     ("IF-II-L full fine-tuning (AdamW), fsdp 8, per device", "if2", 256, 8, 8, 0, "adamw", None),
@@ -129,7 +130,7 @@ def compile_step(model: str, resolution: int, batch: int, fsdp: int, lora_rank: 
     from dreambooth_jax.diffusion.schedules import schedule_from_config
     from dreambooth_jax.models import ModelOptions, UNet2DConditionModel, UNetConfig
     from dreambooth_jax.models.attention import target_backend
-    from dreambooth_jax.models.lora import LoRAParam, LoRASpec, add_lora
+    from dreambooth_jax.models.lora import LoRAParam, LoRASpec, add_lora, resolve_targets
     from dreambooth_jax.sharding import make_mesh
     from dreambooth_jax.training.state import init_state, make_optimizer
     from dreambooth_jax.training.step import StepConfig, jit_train_step, make_train_step
@@ -144,8 +145,8 @@ def compile_step(model: str, resolution: int, batch: int, fsdp: int, lora_rank: 
 
     def build():
         unet = UNet2DConditionModel(cfg, opts, rngs=nnx.Rngs(0))
-        if lora_rank:
-            add_lora(unet, LoRASpec(rank=lora_rank))
+        if lora_rank:  # the attention preset, with IF's added-KV projections as the trainer adapts them
+            add_lora(unet, LoRASpec(rank=lora_rank, targets=resolve_targets("attention", unet)))
         return unet
 
     abstract_model = nnx.eval_shape(build)
@@ -175,8 +176,9 @@ def compile_step(model: str, resolution: int, batch: int, fsdp: int, lora_rank: 
         shapes["low_res"] = jax.ShapeDtypeStruct((batch, h, h, 3), f32)
         low_res_schedule = schedule_from_config(X4_LOW_RES_SCHEDULER)
         step_cfg = dataclasses.replace(step_cfg, sr_noise_level=20, latent_scale=0.08333)
-    if model.startswith("if"):  # pixel space; stage II: the upscaled low-res image, noise-augmented
-        sched = IF_SCHEDULER
+    if model.startswith("if"):  # pixel space (no VAE: the images themselves); stage II: the upscaled
+        sched = IF_SCHEDULER    # low-res image, noise-augmented
+        del shapes["latent_logvar"]
         step_cfg = dataclasses.replace(step_cfg, latent_scale=1.0)
         if model == "if2":
             shapes["low_res"] = jax.ShapeDtypeStruct((batch, h, h, 3), f32)
@@ -190,6 +192,34 @@ def compile_step(model: str, resolution: int, batch: int, fsdp: int, lora_rank: 
     shapes = {tuple(sorted(x.shape)) for x in jax.tree.leaves(nnx.state(abstract_model)) if big(x)}
     return compiled, {"seconds": time.perf_counter() - t0, "params": total, "trained": trained,
                       "mesh": dict(mesh.shape), "weight_shapes": shapes}
+
+
+def compile_t5(batch: int, target: str = "cpu"):
+    """Compile DeepFloyd IF's one-time prompt pass: T5-XXL's encoder (4.76 B parameters, stored and
+    run in bf16, as the IF run loads it with dtype bfloat16) on ``batch`` prompts of 77 tokens, on
+    one device. Returns (compiled, info dict)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from dreambooth_jax.models import ModelOptions
+    from dreambooth_jax.models.t5 import IF_MAX_LENGTH, T5Config, T5EncoderModel, t5_xxl_config
+    from dreambooth_jax.sharding import make_mesh, replicated
+
+    cfg = T5Config.from_transformers(t5_xxl_config())
+    opts = ModelOptions(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    abstract = nnx.eval_shape(lambda: T5EncoderModel(cfg, opts, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract)
+    mesh = make_mesh(1, target_devices(target, 1))
+    rep = replicated(mesh)
+    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
+    ids = jax.ShapeDtypeStruct((batch, IF_MAX_LENGTH), jnp.int32, sharding=rep)
+    t0 = time.perf_counter()
+    compiled = jax.jit(lambda p, i, m: nnx.merge(graphdef, p)(i, m)).lower(
+        jax.tree.map(place, params), ids, ids).compile()
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return compiled, {"seconds": time.perf_counter() - t0, "params": n, "trained": 0, "mesh": dict(mesh.shape)}
 
 
 # ----------------------------------------------------------------------------- where the temporaries go
@@ -305,7 +335,10 @@ def main(table, if_table, model, fsdp, batch, remat, dtype, resolution, lora_ran
         print("| row | arguments GB | temporaries GB | peak estimate GB | target GB | trained / all params |")
         print("|---|---|---|---|---|---|")
         for label, m, res, b, f, r, opt, goal in rows:
-            compiled, info = compile_step(m, res, b, f, r, opt, target=target)
+            if m == "t5":
+                compiled, info = compile_t5(b, target=target)
+            else:
+                compiled, info = compile_step(m, res, b, f, r, opt, target=target)
             mem = memory(compiled)
             ok = "" if goal is None else (" ok" if mem["peak"] <= goal else " OVER")
             print(f"| {label} | {mem['arguments']:.2f} | {mem['temporaries']:.2f} | {mem['peak']:.2f} | "
@@ -317,6 +350,12 @@ def main(table, if_table, model, fsdp, batch, remat, dtype, resolution, lora_ran
               "makes | peak without them GB | target GB | trained / all params |")
         print("|---|---|---|---|---|---|---|---|")
         for label, m, res, b, f, r, opt, goal in rows:
+            if m == "t5":
+                compiled, info = compile_t5(b)
+                mem = memory(compiled)
+                print(f"| {label} | {mem['arguments']:.2f} | {mem['temporaries']:.2f} | {mem['peak']:.2f} | | | "
+                      f"report | 0 / {info['params'] / 1e6:.0f} M |", flush=True)
+                continue
             if f > jax.device_count():
                 print(f"| {label} | (needs {f} devices: XLA_FLAGS=--xla_force_host_platform_device_count={f}) |")
                 continue

@@ -79,7 +79,7 @@ def test_if_cascade_writes_every_stage_and_is_deterministic(if_stages, pipeline_
     ("upscaler_as_if_sr", ["--sr-model", "Stable Diffusion x4 upscaler", "IF stage II", "--sr2-model"]),
     ("if1_as_sr", ["--sr-model", "IF stage I", "not a DeepFloyd IF stage II"]),
     ("if2_as_sr2", ["--sr2-model", "IF stage II", "x4 upscaler"]),
-    ("lora", ["--lora", "LoRA files for IF are not supported yet"]),
+    ("lora", ["--lora", "x.safetensors"]),  # parsed (here: not a LoRA file) before any model loads
     ("noise_level", ["--sr-noise-level", "[0, 999]", "1000"]),
     ("sr2_option_alone", ["--sr2-steps", "--sr2-model"]),
 ])

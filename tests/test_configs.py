@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -19,7 +20,6 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SUBJECT = ROOT / "dreambooth_jax" / "assets" / "subjects" / "dog"
 # config -> (tiny base family, tiny SR family or None)
 FAMILY = {
-    "sd15": ("sd1", None),
     "sd15-lora": ("sd1", None),
     "sd15-16gb": ("sd1", None),
     "sd21-768-v": ("sd2-v", None),
@@ -33,6 +33,13 @@ COVERED = {
     # sd15.yaml with SD2.1-base's model id (test_same_settings_as_a_config_that_runs); the SD2
     # architecture goes through the trainer in sd21-768-v's run
     "sd21-base": ("test_configs.py", "test_same_settings_as_a_config_that_runs"),
+    # sd21-768-v.yaml's settings on SD1.5 at 512 px (test_same_settings_as_a_config_that_runs): the
+    # sizes are made small anyway, the SD2 run trains them, and x4-upscaler-sr's base stage trains
+    # the SD1 architecture with the same settings (bf16, remat, fsdp 8, batch 8)
+    "sd15": ("test_configs.py", "test_same_settings_as_a_config_that_runs"),
+    # DeepFloyd IF: run as shipped on tiny IF stages, their exports loaded by diffusers' IF pipelines
+    "if-stage1": ("test_train_if.py", "test_stage_one_trains_lora_and_exports_for_diffusers"),
+    "if-stage2": ("test_train_if.py", "test_stage_two_alone_trains_on_pairs_and_exports_for_diffusers"),
 }
 RUN = [p for p in CONFIGS if p.stem not in COVERED]
 # Only sizes and counts change; every other key keeps its shipped value.
@@ -51,14 +58,17 @@ def test_toy_yaml_is_the_demo_config():
         assert (ROOT / paths[key]).resolve() == path.resolve(), key
 
 
-@pytest.mark.parametrize("config, runs", [("sd21-base", "sd15")])
-def test_same_settings_as_a_config_that_runs(config, runs):
-    """Configs whose settings equal another shipped config's but for the model and the run folder
-    (the tiny model of the test replaces the model anyway): one end-to-end run covers both."""
+@pytest.mark.parametrize("config, runs, free", [("sd21-base", "sd15", ()), ("sd15", "sd21-768-v", ("resolution",))])
+def test_same_settings_as_a_config_that_runs(config, runs, free):
+    """Configs whose settings equal another shipped config's but for the model, the run folder
+    and ``free`` (the test's tiny model and small sizes replace them anyway): one end-to-end run
+    covers both. ``runs`` is run end to end, or is itself covered this way by a config that is."""
     a, b = (yaml.safe_load((ROOT / "configs" / f"{n}.yaml").read_text()) for n in (config, runs))
     for cfg in (a, b):
-        cfg.pop("model"), cfg.pop("output_dir")
+        for key in ("model", "output_dir", *free):
+            cfg.pop(key)
     assert a == b
+    assert runs in FAMILY or runs in COVERED
 
 
 def test_every_config_is_covered():
@@ -125,6 +135,17 @@ def test_shipped_config_runs_as_shipped(config, family_dir, class_cache, tmp_pat
     load_pretrained(out / "model", components=("unet",))
     if saved["lora_rank"]:
         assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    if saved["sr_model"]:
-        assert json.loads((out / "sr" / "metrics.json").read_text())[-1]["step"] == 2
-        assert load_pretrained(out / "sr_model", components=("unet", "scheduler")).is_upscaler
+    if saved["sr_model"]:  # the x4-upscaler stage on (low-res, high-res) pairs of the subject
+        hist = json.loads((out / "sr" / "metrics.json").read_text())
+        assert hist[-1]["step"] == 2 and all(np.isfinite(h["loss"]) and h["prior_loss"] > 0 for h in hist)
+        tuned = load_pretrained(out / "sr_model", components=("unet", "scheduler"))
+        assert tuned.is_upscaler and tuned.max_noise_level == 350
+        orig = load_pretrained(family_dir(sr), components=("unet",))
+        assert not np.allclose(np.asarray(orig.unet.conv_in.kernel[...]), np.asarray(tuned.unet.conv_in.kernel[...]))
+        # class pairs: the frozen SR model upscaled the generated class images (not a resize of them)
+        hi = sorted((out / "class_images_sr").glob("*.png"))
+        manifest = json.loads((out / "class_images_sr" / "manifest.json").read_text())
+        assert len(hi) == over["num_class_images"] and manifest["noise_level"] == saved["sr_noise_level"]
+        from PIL import Image
+
+        assert Image.open(hi[0]).size == (over["sr_resolution"],) * 2

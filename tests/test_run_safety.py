@@ -39,7 +39,7 @@ def tiny_cfg(model, out: Path, **kw) -> TrainConfig:
     ("attention=flash9", "'attention': 'flash9' is not one of auto"),
     ("class_sampler=ddpm_karras", "'class_sampler': 'ddpm_karras' is not one of"),
     ("sr_noise_level=-1", "'sr_noise_level' must be >= 0"),
-    ("sr_noise_level=351", "'sr_noise_level' must be in [0, 350]"),
+    ("sr_noise_level=1000", "'sr_noise_level' must be in [0, 999]"),
     ("sr_resolution=130", "'sr_resolution' (130) must be a multiple of 4"),
     ("adam_b2=1.0", "'adam_b2' must be in [0, 1)"),
     ("max_grad_norm=0", "'max_grad_norm' must be a finite number > 0"),
@@ -64,6 +64,7 @@ def test_nonsense_values_are_config_errors(override, message):
     (dict(model="/nonexistent/model"), "does not exist"),
     (dict(sr_model="__UNET_AS_SR__"), "is not an x4 upscaler pipeline"),
     (dict(sr_model="__UPSCALER__", sr_resolution=68), "'sr_resolution' (68) must be a multiple of"),
+    (dict(sr_model="__UPSCALER__", sr_noise_level=351), "exceeds the upscaler's max_noise_level 350"),
 ])
 def test_settings_checked_before_any_model_is_loaded(change, message, pipeline_dirs, tmp_path, no_model_load):
     import jax

@@ -82,29 +82,6 @@ def test_bad_inputs(pipeline_dirs, tmp_path):
     assert r.exit_code == 1 and "'resolution' (36) must be a multiple of 16" in r.output
 
 
-def test_sr_stage_fine_tuning_on_subject_pairs(pipeline_dirs, tmp_path):
-    """Base stage then the x4-upscaler stage on (low-res, high-res) pairs of the subject."""
-    out = tmp_path / "cascade"
-    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"model={pipeline_dirs('sd1')}",
-            f"sr_model={pipeline_dirs('upscaler')}", f"instance_dir={SUBJECT}", f"output_dir={out}",
-            "max_train_steps=2", "resolution=32", "num_class_images=4", "class_steps=2", "sr_resolution=64",
-            "sr_max_train_steps=12", "sr_noise_level=5", "log_every=2", "fsdp=2", "train_batch_size=4"]
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0, r.output
-    hist = json.loads((out / "sr" / "metrics.json").read_text())
-    assert len(hist) == 6 and all(np.isfinite(h["loss"]) and h["prior_loss"] > 0 for h in hist)
-    sr = load_pretrained(out / "sr_model")
-    assert sr.is_upscaler and sr.max_noise_level == 350
-    orig = load_pretrained(pipeline_dirs("upscaler"), components=("unet",))
-    assert not np.allclose(np.asarray(orig.unet.conv_in.kernel.value), np.asarray(sr.unet.conv_in.kernel.value))
-    # Class pairs: the frozen SR model upscaled the generated class images (not a resize of them).
-    hi = sorted((out / "class_images_sr").glob("*.png"))
-    assert len(hi) == 4 and json.loads((out / "class_images_sr" / "manifest.json").read_text())["noise_level"] == 5
-    from PIL import Image
-
-    assert Image.open(hi[0]).size == (64, 64)
-
-
 def test_train_text_encoder(pipeline_dirs, tmp_path):
     """train_text_encoder=true: the step runs the text encoder on token ids with gradients; both
     the UNet and the text encoder change and are exported."""

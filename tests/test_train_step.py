@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
-import threading
 
 import jax
 import numpy as np

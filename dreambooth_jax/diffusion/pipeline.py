@@ -10,7 +10,7 @@ Batches are split over the mesh's data axes when a mesh is given.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -39,6 +39,18 @@ _EXPECTED = {"unet": ("diffusers", "UNet2DConditionModel"), "text_encoder": ("tr
              "scheduler": ("diffusers", "DDPMScheduler"), "image_noising_scheduler": ("diffusers", "DDPMScheduler")}
 
 
+def if_kind(index: dict) -> str | None:
+    """"I" / "II" for a DeepFloyd IF pipeline's model_index.json, None for another family; ConfigError
+    for an ``IF*`` class we do not read."""
+    name = index.get("_class_name")
+    if not (isinstance(name, str) and name.startswith("IF")):
+        return None
+    if name not in KINDS:
+        raise ConfigError(f"_class_name {name!r} is not a DeepFloyd IF pipeline we read (expected "
+                          f"{', '.join(KINDS)})")
+    return KINDS[name]
+
+
 @dataclasses.dataclass
 class IFPipeline:
     """The components of a DeepFloyd IF stage folder, as our models (None: not loaded, or absent

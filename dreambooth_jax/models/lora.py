@@ -41,6 +41,9 @@ class LoRAKey(nnx.Variable):
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+# DeepFloyd IF's attention reads the text through these (added-KV attention); its presets include
+# them, as diffusers' train_dreambooth_lora.py adapts them for IF.
+UNET_ADDED_KV = ("add_k_proj", "add_v_proj")
 PRESETS = {
     "attention": UNET_ATTENTION,  # diffusers' train_dreambooth_lora.py
     "attention+ff": UNET_ATTENTION + UNET_FEED_FORWARD,
@@ -61,11 +64,16 @@ class LoRASpec:
         return (self.rank if self.alpha is None else self.alpha) / self.rank
 
 
-def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
-    """A preset name, a comma-separated string or a list of module-name suffixes."""
+def resolve_targets(targets: str | Sequence[str], model: nnx.Module | None = None) -> tuple[str, ...]:
+    """A preset name, a comma-separated string or a list of module-name suffixes. With ``model``
+    given, the attention presets also name its added-KV projections if it has them (IF)."""
     if isinstance(targets, str):
         if targets in PRESETS:
-            return PRESETS[targets]
+            extra = ()
+            if targets != "all" and model is not None and any(
+                    _matches(n, UNET_ADDED_KV[0]) for n in adaptable_modules(model)):
+                extra = UNET_ADDED_KV
+            return PRESETS[targets] + extra
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     out: list[str] = []
     for t in targets:

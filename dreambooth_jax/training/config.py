@@ -25,7 +25,7 @@ from dreambooth_jax.errors import ConfigError
 @dataclasses.dataclass
 class TrainConfig:
     # --- model and data
-    model: str = ""  # diffusers pipeline folder or hub id (the frozen prior)
+    model: str = ""  # diffusers pipeline folder or hub id (the frozen prior): Stable Diffusion or DeepFloyd IF stage I
     instance_dir: str = ""  # folder with the 3-5 subject photos
     instance_prompt: str = "a photo of sks dog"  # "a [V] [class]"
     class_prompt: str = "a photo of dog"  # "a [class]"
@@ -35,7 +35,7 @@ class TrainConfig:
     class_sampler: str = "ddpm"  # sampler for class-image generation (the paper: ancestral)
     class_steps: int = 50  # sampler steps per class image
     class_guidance: float = 7.5  # classifier-free guidance scale of the class images
-    resolution: int = 512  # training image size (pixels)
+    resolution: int = 512  # training image size (pixels; DeepFloyd IF stage I: 64)
     center_crop: bool = True  # square crop at the centre (else at a seeded random position)
     flip: bool = True  # horizontal flip augmentation (latents precomputed for both flips)
     output_dir: str = "runs/dreambooth"  # the run folder: checkpoints, logs, validation grids, export
@@ -49,12 +49,12 @@ class TrainConfig:
     # --- LoRA (lora_rank 0: full fine-tuning)
     lora_rank: int = 0  # adapter rank; > 0 trains LoRA adapters only, the base weights stay frozen
     lora_alpha: float | None = None  # adapter scale is lora_alpha / lora_rank; null: alpha = rank
-    lora_targets: str = "attention"  # attention (to_q/k/v/out.0) | attention+ff | all (every linear+conv) | names
+    lora_targets: str = "attention"  # attention (to_q/k/v/out.0, on IF also add_k/v_proj) | attention+ff | all (every linear+conv) | names
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_text_encoder: bool = False  # also adapters on the text encoder's q/k/v/out_proj (trained)
     lora_init: str = "gaussian"  # gaussian down / zero up: step 0 computes the base model exactly
     # --- optimisation
-    max_train_steps: int = 1000  # base-stage optimizer steps
+    max_train_steps: int = 1000  # base-stage optimizer steps; 0: only the SR stage is trained (the base model stays frozen)
     train_batch_size: int = 1  # instance images per step (the same number of class images is added)
     learning_rate: float = 5e-6  # peak learning rate (LoRA wants ~1e-4)
     optimizer: str = "adamw"  # adamw (fp32 moments) | adafactor (factored moments: ~1/3 of AdamW's state memory)
@@ -75,11 +75,11 @@ class TrainConfig:
     fsdp: int = 1  # size of the mesh's fsdp axis (params/optimizer state split over it)
     attention: str = "auto"  # auto | matmul | chunked | xla | flash (auto: per backend and shape)
     # --- SR stage (x4 upscaler) fine-tuning
-    sr_model: str = ""  # upscaler folder/hub id; empty: no SR stage
-    sr_noise_level: int = 5  # low-res noise augmentation for subject pairs (lowered, as in the paper)
+    sr_model: str = ""  # x4 upscaler (SD) or IF stage II (IF) folder/hub id; empty: no SR stage
+    sr_noise_level: int = 5  # low-res noise augmentation for the pairs (lowered, as in the paper; sample with it)
     sr_max_train_steps: int = 500  # SR-stage optimizer steps
     sr_learning_rate: float = 5e-6  # SR-stage learning rate
-    sr_resolution: int = 256  # high-res size of the pairs (low-res is a quarter)
+    sr_resolution: int = 256  # high-res size of the pairs (low-res is a quarter; IF stage II: 256)
     # --- checkpoints, logging, validation
     checkpoint_every: int = 250  # steps between Orbax checkpoints (and on SIGTERM)
     keep_checkpoints: int = 2  # newest checkpoints kept per stage
@@ -125,13 +125,13 @@ def check(cfg: TrainConfig) -> None:
 
     _choice(cfg, "class_sampler", SAMPLER_NAMES)
     _choice(cfg, "attention", IMPLS)
-    for key in ("max_train_steps", "train_batch_size", "resolution", "grad_accum", "fsdp", "class_steps",
+    for key in ("train_batch_size", "resolution", "grad_accum", "fsdp", "class_steps",
                 "sr_max_train_steps", "sr_resolution", "checkpoint_every", "log_every", "validation_steps"):
         _at_least(cfg, key, 1, "")
     _at_least(cfg, "keep_checkpoints", 1, " (0 would delete every checkpoint, and a run could never resume)")
     _at_least(cfg, "num_class_images", 1 if cfg.with_prior_preservation else 0,
               " with prior preservation (or set with_prior_preservation=false)")
-    for key in ("lr_warmup_steps", "validation_every", "seed", "validation_seed", "sr_noise_level"):
+    for key in ("max_train_steps", "lr_warmup_steps", "validation_every", "seed", "validation_seed", "sr_noise_level"):
         _at_least(cfg, key, 0, "")
     for key in ("learning_rate", "sr_learning_rate", "adam_eps", "max_grad_norm"):
         if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) > 0):
@@ -146,8 +146,12 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'ema_decay' must be in (0, 1), got {cfg.ema_decay}")
     if cfg.min_snr_gamma is not None and not (math.isfinite(cfg.min_snr_gamma) and cfg.min_snr_gamma > 0):
         raise ConfigError(f"config key 'min_snr_gamma' must be > 0 (or null for plain MSE), got {cfg.min_snr_gamma}")
-    if cfg.sr_noise_level > 350:  # the x4 upscaler's max_noise_level; checked against the model on load
-        raise ConfigError(f"config key 'sr_noise_level' must be in [0, 350], got {cfg.sr_noise_level}")
+    # IF stage II noises over 1000 steps; the model's own maximum (an x4 upscaler's 350) is checked in preflight
+    if cfg.sr_noise_level > 999:
+        raise ConfigError(f"config key 'sr_noise_level' must be in [0, 999], got {cfg.sr_noise_level}")
+    if cfg.max_train_steps == 0 and not cfg.sr_model:
+        raise ConfigError("config key 'max_train_steps' is 0 (the base stage is not trained) but there is no "
+                          "sr_model to train; set max_train_steps >= 1 or give sr_model")
     if cfg.sr_resolution % 4:
         raise ConfigError(f"config key 'sr_resolution' ({cfg.sr_resolution}) must be a multiple of 4 "
                           "(the low-res input is a quarter of it)")

@@ -36,12 +36,14 @@ def export_run(run_dir: str | Path, out: str | Path, *, stage: str = "base", ste
     """Restore the checkpoint of ``stage`` ('base' or 'sr') at ``step`` (default: the newest) of the
     run in ``run_dir`` and write into ``out``: ``model/`` (a full diffusers folder; a LoRA run's
     adapters merged into the base, or the base without them when ``merge_lora`` is false) and, for
-    a LoRA run, ``lora/pytorch_lora_weights.safetensors`` (diffusers) + ``lora/lora_kohya.safetensors``.
+    a LoRA run, ``lora/pytorch_lora_weights.safetensors`` (diffusers) + ``lora/lora_kohya.safetensors``
+    (not for DeepFloyd IF runs, which only diffusers runs).
     EMA weights when the run keeps them."""
     from dreambooth_jax.models import ModelOptions, export_pipeline, load_pretrained
     from dreambooth_jax.models.lora import has_lora, merge_lora as merge, strip_lora
     from dreambooth_jax.training.checkpoint import Checkpointer
-    from dreambooth_jax.training.run import add_adapters, optimizer_for, split_trainable
+    from dreambooth_jax.models.hub import resolve_model_path
+    from dreambooth_jax.training.run import add_adapters, is_if_folder, optimizer_for, split_trainable
     from dreambooth_jax.training.state import init_state
 
     run_dir, out = Path(run_dir), Path(out)
@@ -72,8 +74,14 @@ def export_run(run_dir: str | Path, out: str | Path, *, stage: str = "base", ste
             raise ConfigError(f"{ckpt_dir} holds no finished checkpoint")
         if step not in steps:
             raise ConfigError(f"{ckpt_dir} has no checkpoint of step {step} (kept: {', '.join(map(str, steps))})")
-        source = cfg.model if stage == "base" else cfg.sr_model
-        pipe = load_pretrained(source, ModelOptions(dtype=jnp.float32))
+        source = resolve_model_path(cfg.model if stage == "base" else cfg.sr_model)
+        is_if = is_if_folder(source)
+        if is_if:  # DeepFloyd IF: the UNet alone (the 4.7 B T5 is copied, never loaded)
+            from dreambooth_jax.models.if_loading import load_if
+
+            pipe = load_if(source, ModelOptions(dtype=jnp.float32), components=("unet",))
+        else:
+            pipe = load_pretrained(source, ModelOptions(dtype=jnp.float32))
         add_adapters(cfg, pipe, log, text_encoder=stage == "base")
         models = {"unet": pipe.unet}
         if stage == "base" and (cfg.train_text_encoder or cfg.lora_text_encoder):
@@ -104,8 +112,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, stage: str = "base", ste
         (out / "lora").mkdir(exist_ok=True)
         adapted = {k: m for k, m in trained.items() if has_lora(m)}
         save_lora(out / "lora" / "pytorch_lora_weights.safetensors", adapted, format="diffusers", overwrite=True)
-        save_lora(out / "lora" / "lora_kohya.safetensors", adapted, format="kohya", overwrite=True)
-        log(f"wrote the LoRA adapters to {out / 'lora'} (diffusers and kohya files)")
+        if not is_if:  # A1111 / ComfyUI's layout; they do not run IF
+            save_lora(out / "lora" / "lora_kohya.safetensors", adapted, format="kohya", overwrite=True)
+        log(f"wrote the LoRA adapters to {out / 'lora'} ({'diffusers file' if is_if else 'diffusers and kohya files'})")
     if out / "model" in targets:
         models_out = {k: (merge(m) if merge_lora else strip_lora(m)) for k, m in trained.items()}
         export_pipeline(source, out / "model", models_out, overwrite=True, dtype=cfg.export_dtype or None)

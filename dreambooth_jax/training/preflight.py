@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 
 from dreambooth_jax.errors import ConfigError
+from dreambooth_jax.models.hub import resolve_model_path
 from dreambooth_jax.training.config import TrainConfig
 
 
@@ -23,7 +24,6 @@ def preflight(cfg: TrainConfig) -> dict[str, Path]:
     Returns the resolved model folders {'model': ..., 'sr_model': ...}. ``check_resume`` is the
     part that reads output_dir: call it once the run holds the folder's lock."""
     from dreambooth_jax.data.images import list_images
-    from dreambooth_jax.models.loading import resolve_model_path
 
     if not cfg.model:
         raise ConfigError("config key 'model' is empty: give a diffusers folder or hub id")
@@ -35,15 +35,69 @@ def preflight(cfg: TrainConfig) -> dict[str, Path]:
             raise ConfigError(f"config key 'class_dir': {cfg.class_dir} is a file, not a folder")
     check_devices(cfg, jax.device_count())
     folders = {"model": resolve_model_path(cfg.model)}
+    if _if_kind(folders["model"], "model") is not None:
+        return _preflight_if(cfg, folders)
     _check_model(folders["model"], cfg.resolution, "model", "resolution", upscaler=False)
     if cfg.sr_model:
         folders["sr_model"] = resolve_model_path(cfg.sr_model)
+        if _if_kind(folders["sr_model"], "sr_model") is not None:
+            raise ConfigError(f"config key 'sr_model': {folders['sr_model']} is a DeepFloyd IF pipeline, and model "
+                              f"{folders['model']} is not: a Stable Diffusion model takes an x4 upscaler as sr_model")
         index = _check_model(folders["sr_model"], cfg.sr_resolution, "sr_model", "sr_resolution", upscaler=True)
         top = int(index.get("max_noise_level", 350))
         if cfg.sr_noise_level > top:
             raise ConfigError(f"config key 'sr_noise_level' ({cfg.sr_noise_level}) exceeds the upscaler's "
                               f"max_noise_level {top}")
     return folders
+
+
+def _if_kind(folder: Path, key: str) -> str | None:
+    """"I" / "II" for a DeepFloyd IF folder, None for another pipeline."""
+    from dreambooth_jax.models.if_loading import if_kind
+
+    index_path = folder / "model_index.json"
+    try:
+        return if_kind(_read(index_path))
+    except ConfigError as e:
+        raise ConfigError(f"config key '{key}': {index_path}: {e}") from None
+
+
+def _preflight_if(cfg: TrainConfig, folders: dict[str, Path]) -> dict[str, Path]:
+    """A DeepFloyd IF run: stage I as ``model`` (its T5 encodes the prompts once; it draws the class
+    images), stage II as ``sr_model``; pixel-space sizes the UNets' downsampling divides."""
+    model = folders["model"]
+    if _if_kind(model, "model") == "II":
+        raise ConfigError(f"config key 'model': {model} is a DeepFloyd IF stage II (super-resolution) pipeline; "
+                          "give the IF stage I folder as model and this one as sr_model")
+    if cfg.train_text_encoder or cfg.lora_text_encoder:
+        key = "train_text_encoder" if cfg.train_text_encoder else "lora_text_encoder"
+        raise ConfigError(f"config key '{key}': DeepFloyd IF's T5 encoder stays frozen (its prompt embeddings are "
+                          f"computed once, before training); set {key}: false")
+    index = _read(model / "model_index.json")
+    for part in ("text_encoder", "tokenizer"):
+        if not (isinstance(index.get(part), list) and index[part][0]):
+            raise ConfigError(f"config key 'model': {model / 'model_index.json'} names no {part}; the IF stage I "
+                              "folder's T5 encodes the prompts")
+    _check_if_unet(model, cfg.resolution, "model", "resolution")
+    if cfg.sr_model:
+        folders["sr_model"] = sr = resolve_model_path(cfg.sr_model)
+        if _if_kind(sr, "sr_model") != "II":
+            raise ConfigError(f"config key 'sr_model': {sr} is not a DeepFloyd IF stage II pipeline, which an IF "
+                              "stage I model takes as its SR stage")
+        _check_if_unet(sr, cfg.sr_resolution, "sr_model", "sr_resolution")
+        steps = int(_read(sr / "image_noising_scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000))
+        if cfg.sr_noise_level >= steps:
+            raise ConfigError(f"config key 'sr_noise_level' ({cfg.sr_noise_level}) must be below the IF stage II "
+                              f"image_noising_scheduler's {steps} timesteps")
+    return folders
+
+
+def _check_if_unet(folder: Path, size: int, key: str, size_key: str) -> None:
+    unet = _read(folder / "unet" / "config.json")
+    multiple = 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+    if size % multiple:
+        raise ConfigError(f"config key '{size_key}' ({size}) must be a multiple of {multiple} for {folder} "
+                          "(the UNet's downsampling; DeepFloyd IF trains in pixels: stage I at 64, stage II at 256)")
 
 
 def check_devices(cfg: TrainConfig, n_devices: int) -> None:

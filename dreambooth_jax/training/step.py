@@ -43,8 +43,11 @@ class StepConfig:
 def _denoise_inputs(cfg: StepConfig, schedule, low_res_schedule, batch: dict, key: jax.Array):
     """Sample latents, timesteps and noise; returns (model input, timesteps, class labels, target, snr)."""
     k_lat, k_noise, k_t, k_off, k_lr = jax.random.split(key, 5)
-    mean, logvar = batch["latent_mean"], batch["latent_logvar"]
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_lat, mean.shape, mean.dtype)
+    mean = batch["latent_mean"]
+    if "latent_logvar" in batch:  # a VAE's latent distribution: one draw per step
+        z = mean + jnp.exp(0.5 * batch["latent_logvar"]) * jax.random.normal(k_lat, mean.shape, mean.dtype)
+    else:  # pixel space (DeepFloyd IF): the images themselves
+        z = mean
     x0 = (z - cfg.latent_shift) * cfg.latent_scale
     b = x0.shape[0]
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
@@ -71,9 +74,11 @@ def make_train_step(unet_graphdef: nnx.GraphDef, schedule, tx: optax.GradientTra
                     low_res_schedule=None) -> Callable:
     """Returns ``step(state, batch, rng, frozen) -> (state, metrics)`` (not yet jitted).
 
-    batch: latent_mean/latent_logvar (B, h, w, C) from the frozen VAE, is_class (B,), and either
+    batch: latent_mean/latent_logvar (B, h, w, C) from the frozen VAE (latent_mean alone: pixel
+    space, the images in [-1, 1], as DeepFloyd IF trains), is_class (B,), and either
     ``context`` (B, L, D) precomputed text embeddings or ``input_ids`` (B, L) when the text
-    encoder runs in the step; ``low_res`` (B, h, w, 3) for the upscaler.
+    encoder runs in the step; ``low_res`` (B, h, w, 3) for the upscaler (for DeepFloyd IF stage II
+    already upscaled to the sample's size, as its UNet reads it).
     state.params: {'unet': ..., optionally 'text_encoder': ...}, what is trained: a whole model's
     parameters, or only its LoRA adapters. frozen: {name: the rest of that model} for every model
     that is not trained whole: its frozen base (in the compute dtype) beside the adapters in
