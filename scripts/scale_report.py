@@ -72,9 +72,10 @@ TABLE = [
 # DeepFloyd IF (issue 14): the two stages at their real sizes, with the T5 embeddings precomputed
 IF_TABLE = [
     ("T5-XXL encoder, the one-time prompt embedding pass (bf16, 8 prompts), one device", "t5", 77, 8, 1, 0, "", None),
+    ("IF-I-XL LoRA rank 16 (configs/if-stage1.yaml), one device", "if1", 64, 2, 1, 16, "adamw", None),
+    ("IF-II-L full fine-tuning (AdamW; configs/if-stage2.yaml), fsdp 8, per device", "if2", 256, 16, 8, 0, "adamw",
+     None),
     ("IF-I-XL full fine-tuning (AdamW), fsdp 8, per device", "if1", 64, 8, 8, 0, "adamw", None),
-    ("IF-I-XL LoRA rank 16, one device", "if1", 64, 2, 1, 16, "adamw", None),
-    ("IF-II-L full fine-tuning (AdamW), fsdp 8, per device", "if2", 256, 8, 8, 0, "adamw", None),
     ("IF-II-L LoRA rank 16, one device", "if2", 256, 2, 1, 16, "adamw", None),
 ]
 SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -310,6 +311,8 @@ def memory(compiled) -> dict:
 @click.command()
 @click.option("--table", is_flag=True, help="The README's memory table (needs 8 simulated devices for its fsdp row).")
 @click.option("--if-table", is_flag=True, help="The DeepFloyd IF rows (real IF-I-XL / IF-II-L sizes).")
+@click.option("--rows", default="", help="Only these rows of the table, e.g. 1,3 (0 = the first); each TPU "
+              "compile of a real model holds up to ~20 GB, so one process per row keeps a 24 GB host alive.")
 @click.option("--model", type=click.Choice(sorted(MODELS)), default="sd15", show_default=True)
 @click.option("--fsdp", default=8, show_default=True)
 @click.option("--batch", default=0, help="global batch (instance + class); default 1 per device")
@@ -321,13 +324,15 @@ def memory(compiled) -> dict:
 @click.option("--target", type=click.Choice(["cpu", *TPU_TARGETS]), default="cpu", show_default=True,
               help="Compile for this process's CPU devices, or ahead of time for a TPU chip (needs libtpu, "
                    "no TPU: `make memory-report-tpu`); the TPU compiler's own memory analysis, bf16 convolutions.")
-def main(table, if_table, model, fsdp, batch, remat, dtype, resolution, lora_rank, optimizer, target):
+def main(table, if_table, rows, model, fsdp, batch, remat, dtype, resolution, lora_rank, optimizer, target):
     if target == "cpu":  # the buffer assignment, for the weight-copy breakdown
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR} --xla_dump_hlo_as_text"
                                    " --xla_dump_hlo_module_re=.*step.*").strip()
     import jax
 
+    chosen = [int(i) for i in rows.split(",") if i.strip()]
     rows = IF_TABLE if if_table else TABLE
+    rows = [rows[i] for i in chosen] if chosen else rows
     table = table or if_table
     if table and target != "cpu":
         chip, hbm = TPU_TARGETS[target]

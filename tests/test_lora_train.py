@@ -156,6 +156,7 @@ def test_lora_state_is_adapters_only(pipeline_dirs):
     assert 0 < n_lora < 0.2 * n_base
 
 
+@pytest.mark.slow  # make test-all: the base stage's LoRA path (above) on the SR step (the x4 config's run)
 def test_sr_stage_lora(pipeline_dirs, tmp_path):
     """LoRA on the SR stage: the x4 upscaler's adapters (every linear and conv) are trained on the
     subject's (low-res, high-res) pairs and exported beside the merged SR folder (the stage alone,
