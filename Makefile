@@ -42,8 +42,7 @@ test-other-cpu: setup
 
 # Real processes preempted, killed, locked out and out of disk, then resumed (a few minutes).
 test-faults: setup
-	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
-		$(BIN)/python -m pytest -q -m faults
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m faults
 
 test-all: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m ''
