@@ -445,11 +445,20 @@ def generate_class_images(cfg: TrainConfig, pipe, folder: Path, log, batch_size:
     return paths
 
 
-def make_validator(cfg: TrainConfig, pipe, folder: Path, log):
+def make_validator(cfg: TrainConfig, pipe, folder: Path, log, build: Callable | None = None,
+                   draw: Callable | None = None):
     """A step callback writing a grid of ``validation_prompts`` (fixed seed) every
-    ``validation_every`` steps, and at the end (called with ``final``, the trained models)."""
-    from dreambooth_jax.diffusion.pipeline import BaseSampler
+    ``validation_every`` steps, and at the end (called with ``final``, the trained models).
+    build() -> a sampler whose params the trained ones replace (built once, on first use);
+    draw(sampler) -> uint8 images. By default Stable Diffusion's BaseSampler (ddim)."""
+    def default_build():
+        from dreambooth_jax.diffusion.pipeline import BaseSampler
 
+        return BaseSampler(pipe, sampler="ddim", steps=cfg.validation_steps)
+
+    build = build or default_build
+    draw = draw or (lambda sampler: sampler(cfg.validation_prompts, height=cfg.resolution, width=cfg.resolution,
+                                            seed=cfg.validation_seed, guidance=7.5).images)
     holder = {}
 
     def validate(step, metrics, state, final=None):
@@ -459,12 +468,10 @@ def make_validator(cfg: TrainConfig, pipe, folder: Path, log):
         if jax.process_index() != 0:
             return
         if "sampler" not in holder:
-            holder["sampler"] = BaseSampler(pipe, sampler="ddim", steps=cfg.validation_steps)
+            holder["sampler"] = build()
         sampler = holder["sampler"]
         set_trained_params(sampler, {k: nnx.state(m) for k, m in final.items()} if last else state.params)
-        res = sampler(cfg.validation_prompts, height=cfg.resolution, width=cfg.resolution,
-                      seed=cfg.validation_seed, guidance=7.5)
-        write_validation_grid(res.images, folder, step, log)
+        write_validation_grid(draw(sampler), folder, step, log)
 
     return validate
 

@@ -41,8 +41,8 @@ from dreambooth_jax.training.checkpoint import StopSignal
 from dreambooth_jax.training.config import TrainConfig
 from dreambooth_jax.training.run import (StageData, _check_stop, _class_folder, _class_images,
                                          _class_images_generated, _export, _load_instance_images,
-                                         _sr_class_images, _write_json, add_adapters, set_trained_params,
-                                         train_stage, write_validation_grid)
+                                         _sr_class_images, _write_json, add_adapters, make_validator,
+                                         train_stage)
 from dreambooth_jax.training.step import StepConfig
 
 #: IF stage II's classifier-free guidance when it upscales class images (IFSuperResolutionPipeline's default).
@@ -218,31 +218,20 @@ def _class_image_generator(embeds: dict) -> Callable:
 
 
 def _validator(cfg: TrainConfig, pipe, embeds: dict, folder: Path, log) -> Callable:
-    """As run.make_validator: a grid of the validation prompts from IF stage I (ddim,
-    ``validation_steps``, fixed seed) every ``validation_every`` steps and at the end."""
-    holder = {}
-
-    def validate(step, metrics, state, final=None):
-        last = final is not None
-        if not cfg.validation_prompts or (not last and (not cfg.validation_every or step % cfg.validation_every)):
-            return
-        if jax.process_index() != 0:
-            return
-        from flax import nnx
-
+    """run.make_validator with IF stage I (ddim, ``validation_steps``, fixed seed, IFPipeline's
+    guidance) on the precomputed embeddings of the validation prompts."""
+    def build():
         from dreambooth_jax.diffusion.if_pipeline import IFStageI
 
-        if "stage" not in holder:
-            holder["stage"] = IFStageI(pipe, sampler="ddim", steps=cfg.validation_steps)
-        stage = holder["stage"]
-        set_trained_params(stage, {k: nnx.state(m) for k, m in final.items()} if last else state.params)
-        n = len(cfg.validation_prompts)
-        res = stage(np.stack([embeds[p] for p in cfg.validation_prompts]), _repeat(embeds, "", n),
-                    height=cfg.resolution, width=cfg.resolution, seed=cfg.validation_seed,
-                    guidance=VALIDATION_GUIDANCE)
-        write_validation_grid(res.images, folder, step, log)
+        return IFStageI(pipe, sampler="ddim", steps=cfg.validation_steps)
 
-    return validate
+    def draw(stage):
+        n = len(cfg.validation_prompts)
+        return stage(np.stack([embeds[p] for p in cfg.validation_prompts]), _repeat(embeds, "", n),
+                     height=cfg.resolution, width=cfg.resolution, seed=cfg.validation_seed,
+                     guidance=VALIDATION_GUIDANCE).images
+
+    return make_validator(cfg, pipe, folder, log, build=build, draw=draw)
 
 
 # ----------------------------------------------------------------------------- stage II
