@@ -38,11 +38,11 @@ def _pixels(folder, prefix):
     return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob(f"{prefix}_0*.png"))}
 
 
-def test_if_cascade_writes_every_stage_and_is_deterministic(if_stages, pipeline_dirs, tmp_path, cache_dir):
+def test_if_cascade_writes_every_stage(if_stages, pipeline_dirs, tmp_path, cache_dir):
     one, two = str(if_stages["I"][0]), str(if_stages["II"][0])
     common = ["sample", "--model", one, "--sr-model", two, *[a for p in PROMPTS for a in ("--prompt", p)],
               "--steps", "2", "--sr-steps", "2", "--height", "16", "--width", "16", "--seed", "3"]
-    first, second = tmp_path / "a", tmp_path / "b"
+    first = tmp_path / "a"
     r = CliRunner().invoke(main, [*common, "--sr2-model", str(pipeline_dirs("upscaler")), "--sr2-steps", "2",
                                   "--out", str(first)])
     assert r.exit_code == 0, r.output
@@ -60,13 +60,8 @@ def test_if_cascade_writes_every_stage_and_is_deterministic(if_stages, pipeline_
     assert settings["per_image_prompts"] == PROMPTS and settings["files"][0] == "base_000.png"
     assert "encoding 2 prompt(s) with T5" in r.output
 
-    # The same seed again, without the third stage: stages I and II are the same images.
-    r = CliRunner().invoke(main, [*common, "--out", str(second)])
-    assert r.exit_code == 0, r.output
-    assert not list(second.glob("sr2_*"))
-    for stage in ("base", "sr"):
-        a, b = _pixels(first, stage), _pixels(second, stage)
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), stage
+    # (The same seed drawing the same images: tests/test_train_if.py samples one seed through two
+    # routes to the same weights and compares the pixels.)
     a = _pixels(first, "base")
     assert not np.array_equal(a["base_000.png"], a["base_001.png"])  # two prompts, two images
 
