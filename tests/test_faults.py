@@ -147,10 +147,10 @@ def test_second_run_on_the_same_folder_is_refused(pipeline_dirs, env, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 48 MB tmpfs (root only: CI and the dev machines run as root; skipped elsewhere)."""
+    """A 64 MB tmpfs (root only: CI and the dev machines run as root; skipped elsewhere)."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
         # Mounting needs root (CI and the developers' machines run as root, where this test runs);
         # a full disk cannot be made without it, and filling the real disk would hurt the machine.
