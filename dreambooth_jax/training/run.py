@@ -628,7 +628,6 @@ def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log, *, stop: StopSignal
     """Fine-tune the x4 upscaler on (low-res, high-res) pairs of the subject photos, with the
     low-res noise augmentation lowered to ``sr_noise_level`` (the paper lowers it so that fine
     subject texture survives), plus class pairs for prior preservation."""
-    from dreambooth_jax.diffusion.schedules import schedule_from_config
     from dreambooth_jax.models import load_pretrained
 
     pipe = load_pretrained(folder or cfg.sr_model, opts)
@@ -647,16 +646,26 @@ def run_sr_stage(cfg: TrainConfig, opts, out_dir: Path, log, *, stop: StopSignal
     context = encode_prompts(pipe, [cfg.instance_prompt, cfg.class_prompt])
     data = StageData(mean, logvar, is_class, context, low_res=low)
     vcfg = pipe.vae.config
+    return train_sr_and_export(cfg, pipe, data, len(hi), pipe.low_res_scheduler_config, out_dir, log, stop,
+                               latent_scale=vcfg.scaling_factor, latent_shift=vcfg.shift_factor)
+
+
+def train_sr_and_export(cfg: TrainConfig, pipe, data: StageData, n_inst: int, low_res_scheduler_config: dict,
+                        out_dir: Path, log, stop: StopSignal | None, *, latent_scale: float, latent_shift: float,
+                        kohya: bool = True) -> Path:
+    """The SR stage's training on ``data`` (pairs) and export to ``out_dir/sr_model`` (+ sr_lora):
+    the x4 upscaler's and DeepFloyd IF stage II's common part."""
+    from dreambooth_jax.diffusion.schedules import schedule_from_config
+
     step_cfg = StepConfig(prior_loss_weight=cfg.prior_loss_weight if cfg.with_prior_preservation else 0.0,
                           min_snr_gamma=cfg.min_snr_gamma, ema_decay=cfg.ema_decay, sr_noise_level=cfg.sr_noise_level,
-                          latent_scale=vcfg.scaling_factor, latent_shift=vcfg.shift_factor)
-    unet, history = train_stage(pipe.unet, schedule_from_config(pipe.scheduler_config), data, len(hi), cfg, step_cfg,
+                          latent_scale=latent_scale, latent_shift=latent_shift)
+    unet, history = train_stage(pipe.unet, schedule_from_config(pipe.scheduler_config), data, n_inst, cfg, step_cfg,
                                 lr=cfg.sr_learning_rate, steps=cfg.sr_max_train_steps, out_dir=out_dir / "sr",
-                                low_res_schedule=schedule_from_config(pipe.low_res_scheduler_config), log=log,
-                                stop=stop)
+                                low_res_schedule=schedule_from_config(low_res_scheduler_config), log=log, stop=stop)
     if jax.process_index() == 0:
         _write_json(out_dir / "sr" / "metrics.json", history)
-        _export(cfg, pipe.path, out_dir / "sr_model", out_dir / "sr_lora", {"unet": unet}, log)
+        _export(cfg, pipe.path, out_dir / "sr_model", out_dir / "sr_lora", {"unet": unet}, log, kohya=kohya)
     return out_dir / "sr_model"
 
 

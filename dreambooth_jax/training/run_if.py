@@ -42,7 +42,7 @@ from dreambooth_jax.training.config import TrainConfig
 from dreambooth_jax.training.run import (StageData, _check_stop, _class_folder, _class_images,
                                          _class_images_generated, _export, _load_instance_images,
                                          _sr_class_images, _write_json, add_adapters, make_validator,
-                                         train_stage)
+                                         train_sr_and_export, train_stage)
 from dreambooth_jax.training.step import StepConfig
 
 #: IF stage II's classifier-free guidance when it upscales class images (IFSuperResolutionPipeline's default).
@@ -238,7 +238,6 @@ def _validator(cfg: TrainConfig, pipe, embeds: dict, folder: Path, log) -> Calla
 def _stage_two(cfg: TrainConfig, sr_model: Path, opts, embeds: dict, out_dir: Path, stop: StopSignal, log) -> Path:
     from dreambooth_jax.data.images import load_image
     from dreambooth_jax.diffusion.if_pipeline import upsample_bilinear
-    from dreambooth_jax.diffusion.schedules import schedule_from_config
     from dreambooth_jax.models.if_loading import load_if
 
     pipe = load_if(sr_model, opts, components=("unet", "scheduler"))
@@ -266,17 +265,8 @@ def _stage_two(cfg: TrainConfig, sr_model: Path, opts, embeds: dict, out_dir: Pa
     context = np.stack([embeds[cfg.instance_prompt], embeds[cfg.class_prompt]])
     data = StageData(hi_all, None, is_class, context, low_res=upscaled)
     log(f"{len(hi)} subject pair(s) ({low_size} -> {size} px), noise level {cfg.sr_noise_level} (IF stage II)")
-    step_cfg = StepConfig(prior_loss_weight=cfg.prior_loss_weight if cfg.with_prior_preservation else 0.0,
-                          min_snr_gamma=cfg.min_snr_gamma, ema_decay=cfg.ema_decay, sr_noise_level=cfg.sr_noise_level,
-                          latent_scale=1.0, latent_shift=0.0)
-    unet, history = train_stage(pipe.unet, schedule_from_config(pipe.scheduler_config), data, len(hi), cfg, step_cfg,
-                                lr=cfg.sr_learning_rate, steps=cfg.sr_max_train_steps, out_dir=out_dir / "sr",
-                                low_res_schedule=schedule_from_config(pipe.image_noising_scheduler_config), log=log,
-                                stop=stop)
-    if jax.process_index() == 0:
-        _write_json(out_dir / "sr" / "metrics.json", history)
-        _export(cfg, pipe.path, out_dir / "sr_model", out_dir / "sr_lora", {"unet": unet}, log, kohya=False)
-    return out_dir / "sr_model"
+    return train_sr_and_export(cfg, pipe, data, len(hi), pipe.image_noising_scheduler_config, out_dir, log, stop,
+                               latent_scale=1.0, latent_shift=0.0, kohya=False)
 
 
 def _downscale(images: np.ndarray, size: int) -> np.ndarray:
